@@ -448,6 +448,7 @@ def count_params(model):
 # -----------------------------------------------------------------------------
 
 P_UNCOND = 0.1
+TRAIN_IMAGES = 300_000       # the default length of a run, in images seen
 EMA_DECAY = 0.999
 WARMUP_FRACTION = 0.05
 
@@ -546,11 +547,17 @@ def train(args):
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    digit=args.digit, limit=args.limit)
         check_model_config(cfg)
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or (args.limit is not None and args.limit < 1):
+        if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.lr <= 0 \
+                or (args.limit is not None and args.limit < 1):
             raise UserError("--epochs, --batch-size and --limit must be at least 1 and --lr positive")
 
     x_all, y_all = load_mnist(args.data_dir, True, cfg["digit"], cfg["limit"], cfg["image_size"])
     x_all, y_all = x_all.to(device), y_all.to(device)
+    if cfg["epochs"] is None:
+        # What a diffusion model needs is optimisation steps, not passes over
+        # the data: by default every run sees TRAIN_IMAGES images, 5 epochs of
+        # full MNIST or 60 of the first 5000 ones.
+        cfg["epochs"] = math.ceil(TRAIN_IMAGES / len(x_all))
     sched = make_schedule(cfg["schedule"], cfg["timesteps"])
 
     torch.manual_seed(cfg["seed"])                       # the initial weights
@@ -1038,14 +1045,18 @@ def load_or_train_classifier(path, data_dir, device, precision):
 # impossible step count) becomes a UserError: one line on stderr and exit
 # status 1, never a traceback. argparse's own errors are one line too.
 #
-# The sampling defaults were chosen by measurement (README, "Results"):
-# DDIM with 50 steps and guidance w = 2 for a requested digit.
+# The sampling defaults were chosen by measurement (README, "Results"): DDIM
+# with 20 steps scored the same FID as 50 steps on requested digits in 40% of
+# the time. Deterministic DDIM (eta = 0) scored better than eta = 1 on guided
+# samples; for unconditional samples it was the other way round, so there
+# `--eta 1` is worth passing. Guidance w = 2 for a requested digit.
 # -----------------------------------------------------------------------------
 
 DEFAULT_CKPT = "ddpm_mnist.pt"
 SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ddpm_mnist.pt"
 DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = 20
+DEFAULT_ETA = 0.0
 DEFAULT_GUIDANCE = 2.0
 
 
@@ -1115,7 +1126,8 @@ def cmd_sample(args):
     took = time.time() - t0
     what = "unconditional" if digit is None and args.per_class is None else (
         f"digit {digit}" if args.per_class is None else f"{args.per_class} per digit")
-    print(f"{len(x)} samples ({what}, {describe_sampler(args, sched)}, guidance {args.guidance}) in {took:.1f} s, "
+    guided = "" if what == "unconditional" else f", guidance {args.guidance}"
+    print(f"{len(x)} samples ({what}, {describe_sampler(args, sched)}{guided}) in {took:.1f} s, "
           f"{len(x) / took:.1f} img/s")
     print(f"wrote {save_grid(x, args.out, nrow)}")
     if args.out_dir:
@@ -1198,7 +1210,8 @@ def cmd_evaluate(args):
     score = fid(feats, test_feats)
 
     mode = "conditional" if args.conditional else "unconditional"
-    print(f"samples: {args.n} {mode}, {describe_sampler(args, sched)}, guidance {args.guidance}, seed {args.seed}")
+    guided = f", guidance {args.guidance}" if args.conditional else ""
+    print(f"samples: {args.n} {mode}, {describe_sampler(args, sched)}{guided}, seed {args.seed}")
     print(f"sampling time: {took:.1f} s ({1000 * took / args.n:.1f} s per 1000 images)")
     print(f"FID (classifier features, vs {len(x_test)} test images): {score:.3f}")
     print(f"floor (FID of {min(args.n, len(real_idx))} real training images): {floor:.3f}   ratio {score / max(floor, 1e-12):.2f}x")
@@ -1256,7 +1269,7 @@ def build_parser():
         sp.add_argument("--n", type=int, default=n, help="number of samples")
         sp.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=["ddim", "ddpm"])
         sp.add_argument("--steps", type=int, default=None, help=f"DDIM steps, 1..T (default {DEFAULT_STEPS})")
-        sp.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+        sp.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM noise: 0 deterministic, 1 like DDPM")
         sp.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help="classifier-free guidance w: eps = (1+w) eps(x,y) - w eps(x); 0 = none")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x0 estimate to [-1, 1]")
@@ -1273,7 +1286,8 @@ def build_parser():
     t.add_argument("--schedule", default="cosine", choices=["cosine", "linear"])
     t.add_argument("--timesteps", type=int, default=1000, help="T")
     t.add_argument("--channels", type=channels_arg, default=[32, 64, 128], help="U-Net widths per level")
-    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--epochs", type=int, default=None,
+                   help="default: enough to see 300,000 images (5 on full MNIST)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
