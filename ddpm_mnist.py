@@ -105,8 +105,8 @@ def autocast(device, precision):
 # (leaving images in [0, 1]) is the most common cause of washed-out samples.
 #
 # The whole training set is 47 MB as float32, so we decode it once into one
-# tensor and index random batches from it: no per-image decoding and no
-# DataLoader workers, which measured several times faster on a small CPU.
+# tensor and index random batches from it: no per-image decoding, no PIL, no
+# DataLoader workers competing with the training for a laptop's few cores.
 # -----------------------------------------------------------------------------
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
