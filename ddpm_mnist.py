@@ -57,6 +57,8 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 
 def pick_device(name):
+    # "auto" tries the fastest first. Naming a device that is not there is a
+    # user mistake, reported as such, never silently replaced by the CPU.
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -217,6 +219,9 @@ def make_schedule(name, T):
         betas = cosine_betas(T)
     else:
         raise UserError(f"unknown schedule {name!r}: use cosine or linear")
+    # Everything below is a fixed function of the betas. Computing it once here
+    # keeps the training and sampling code a direct transcription of the
+    # equations, with names from the papers.
     alphas = 1 - betas
     alphas_bar = torch.cumprod(alphas, dim=0)
     alphas_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_bar[:-1]])
@@ -383,6 +388,8 @@ class UNet(nn.Module):
         self.out_conv = zero_init(nn.Conv2d(c0, 1, 3, padding=1))
 
     def forward(self, x_t, t, y):
+        # One conditioning vector per image: "when" (t) plus "what" (y). Every
+        # residual block turns it into its own per-channel scale and shift.
         emb = self.time_mlp(timestep_embedding(t, self.c0)) + self.label_emb(y)
         h = self.stem(x_t)
         skips = []
@@ -1107,6 +1114,8 @@ def cmd_sample(args):
     digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
     if digit is not None and not 0 <= digit <= 9:
         raise UserError(f"--digit {digit}: use a digit from 0 to 9")
+    # Check what can be checked before the (slower) model load, so a typo
+    # costs no waiting; step counts need the model's T and are checked there.
     model, sched, cfg, precision = load_for_sampling(args)
     kw = sampler_kwargs(args, precision)
 
@@ -1118,6 +1127,8 @@ def cmd_sample(args):
     else:
         labels = torch.full((args.n,), NULL_LABEL if digit is None else digit)
         nrow = math.ceil(math.sqrt(args.n))
+    # For the trajectory and the GIF we keep every intermediate x_t of the
+    # first batch (at most 64 images), from the initial noise to the result.
     frames = []
     keep = args.trajectory or args.gif
     t0 = time.time()
@@ -1181,6 +1192,7 @@ def cmd_forward(args):
 def cmd_evaluate(args):
     if args.n < 2 or args.batch_size < 1:
         raise UserError("--n must be at least 2 (FID needs a covariance) and --batch-size at least 1")
+    # 1. the judge: a classifier, and the features of the real test images
     model, sched, cfg, precision = load_for_sampling(args)
     device = next(model.parameters()).device
     clf = load_or_train_classifier(args.classifier, args.data_dir, device, precision)
@@ -1203,6 +1215,7 @@ def cmd_evaluate(args):
         labels = torch.arange(args.n) % NUM_CLASSES
     else:
         labels = torch.full((args.n,), NULL_LABEL)
+    # 2. the samples, timed; 3. their features and the classifier's verdicts
     t0 = time.time()
     x = generate(model, sched, labels, cfg["image_size"], **sampler_kwargs(args, precision))
     took = time.time() - t0
@@ -1228,7 +1241,11 @@ def cmd_evaluate(args):
 
 
 def cmd_export(args):
-    """Keep only what sampling needs: the EMA weights in fp16 and the config."""
+    """Keep only what sampling needs: the EMA weights in fp16 and the config.
+
+    The optimiser state (twice the weights) and the raw weights are dropped;
+    fp16 halves the rest. Samples from the export match the full checkpoint up
+    to rounding (a test compares them)."""
     ckpt = load_checkpoint(args.ckpt)
     model_from_checkpoint(ckpt, args.ckpt)   # validates that the weights fit
     slim = dict(format="ddpm_mnist", config=ckpt["config"], step=ckpt.get("step"),
