@@ -1104,8 +1104,10 @@ def sampler_kwargs(args, precision):
                 clip=not args.no_clip, seed=args.seed, batch_size=args.batch_size, precision=precision)
 
 
-def describe_sampler(args, sched):
-    return f"DDPM {sched.T} steps" if args.sampler == "ddpm" else f"DDIM {args.steps} steps, eta {args.eta}"
+def describe_sampler(args, sched, guided):
+    """e.g. 'DDIM 20 steps, eta 0.0, guidance 2.0'; guidance only where it applies."""
+    how = f"DDPM {sched.T} steps" if args.sampler == "ddpm" else f"DDIM {args.steps} steps, eta {args.eta}"
+    return how + (f", guidance {args.guidance}" if guided else "")
 
 
 def cmd_sample(args):
@@ -1137,8 +1139,8 @@ def cmd_sample(args):
     took = time.time() - t0
     what = "unconditional" if digit is None and args.per_class is None else (
         f"digit {digit}" if args.per_class is None else f"{args.per_class} per digit")
-    guided = "" if what == "unconditional" else f", guidance {args.guidance}"
-    print(f"{len(x)} samples ({what}, {describe_sampler(args, sched)}{guided}) in {took:.1f} s, "
+    guided = digit is not None or args.per_class is not None
+    print(f"{len(x)} samples ({what}, {describe_sampler(args, sched, guided)}) in {took:.1f} s, "
           f"{len(x) / took:.1f} img/s")
     print(f"wrote {save_grid(x, args.out, nrow)}")
     if args.out_dir:
@@ -1223,8 +1225,7 @@ def cmd_evaluate(args):
     score = fid(feats, test_feats)
 
     mode = "conditional" if args.conditional else "unconditional"
-    guided = f", guidance {args.guidance}" if args.conditional else ""
-    print(f"samples: {args.n} {mode}, {describe_sampler(args, sched)}{guided}, seed {args.seed}")
+    print(f"samples: {args.n} {mode}, {describe_sampler(args, sched, args.conditional)}, seed {args.seed}")
     print(f"sampling time: {took:.1f} s ({1000 * took / args.n:.1f} s per 1000 images)")
     print(f"FID (classifier features, vs {len(x_test)} test images): {score:.3f}")
     print(f"floor (FID of {min(args.n, len(real_idx))} real training images): {floor:.3f}   ratio {score / max(floor, 1e-12):.2f}x")
@@ -1304,7 +1305,7 @@ def build_parser():
     t.add_argument("--timesteps", type=int, default=1000, help="T")
     t.add_argument("--channels", type=channels_arg, default=[32, 64, 128], help="U-Net widths per level")
     t.add_argument("--epochs", type=int, default=None,
-                   help="default: enough to see 300,000 images (5 on full MNIST)")
+                   help=f"default: enough to see {TRAIN_IMAGES:,} images (5 on full MNIST)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)

@@ -333,30 +333,18 @@ def test_atomic_save_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
 
 # --- 5. sampling -------------------------------------------------------------------
 
-class StepSpy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.ts = []
-
-    def forward(self, x, t, y):
-        self.ts.append(int(t[0]))
-        return 0.1 * x
-
-
 def test_samplers_walk_timesteps_T_minus_1_down_to_0():
     s = D.make_schedule("linear", 20)
     x = torch.randn(2, 1, 4, 4)
     y = torch.full((2,), D.NULL_LABEL)
-    spy = StepSpy()
-    D.ddpm_sample(spy, s, x, y, gen=torch.Generator().manual_seed(0))
-    assert spy.ts == list(range(19, -1, -1))
-    spy.ts = []
-    D.ddim_sample(spy, s, x, y, steps=20)
-    assert spy.ts == list(range(19, -1, -1))
-    spy.ts = []
-    D.ddim_sample(spy, s, x, y, steps=5)
-    assert spy.ts[0] == 19 and spy.ts[-1] == 0 and len(set(spy.ts)) == 5
+    def visited(run):   # the timestep of each network call, in order
+        spy = InputSpy()
+        run(spy)
+        return [int(t[0]) for t in spy.ts]
+    assert visited(lambda m: D.ddpm_sample(m, s, x, y, gen=torch.Generator().manual_seed(0))) == list(range(19, -1, -1))
+    assert visited(lambda m: D.ddim_sample(m, s, x, y, steps=20)) == list(range(19, -1, -1))
+    ts = visited(lambda m: D.ddim_sample(m, s, x, y, steps=5))
+    assert ts[0] == 19 and ts[-1] == 0 and len(set(ts)) == 5
     assert D.ddim_timesteps(1000, 1) == [999]
 
 
