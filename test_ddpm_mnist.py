@@ -234,6 +234,18 @@ def test_label_dropout_uses_the_null_label():
     assert share == pytest.approx(D.P_UNCOND, abs=0.02)
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_min_snr_weights(name):
+    s = D.make_schedule(name, 1000)
+    t = torch.arange(1000)
+    w = D.min_snr_weights(s.alphas_bar, t)
+    snr = s.alphas_bar / (1 - s.alphas_bar)
+    assert torch.all(w[snr <= 5] == 1)                           # noisy steps keep their full weight
+    assert torch.all(w[snr > 5] < 1) and w[0] < 1e-2             # nearly clean ones are damped
+    assert torch.all(w[1:] >= w[:-1])                            # monotone in t
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5])
+
+
 def test_lr_warms_up_then_decays_to_zero():
     f = D.lr_lambda(100)
     assert f(0) < f(2) < f(4) == 1.0
@@ -566,3 +578,25 @@ def test_evaluate_runs_end_to_end(trained, mnist_dir, tmp_path, capsys):
     code, out, _ = run([*args, "--conditional"], capsys)
     assert code == 0 and "training one" not in out            # the cached classifier is reused
     assert "accuracy per digit" in out and "accuracy overall" in out
+
+
+def test_flops_per_image_do_not_depend_on_the_batch():
+    model, sched = D.build_model(dict(channels=[8, 16], blocks=1, image_size=28, timesteps=20)), D.make_schedule("cosine", 20)
+    per_image = []
+    for batch in (2, 6):
+        x0, y = torch.zeros(batch, 1, 28, 28), torch.zeros(batch, dtype=torch.long)
+        per_image.append(D.training_flops_per_image(model, sched, x0, y, torch.device("cpu")))
+    assert per_image[0] == pytest.approx(per_image[1], rel=1e-9)
+    # the first 3x3 conv, 1 -> 8 channels on 28 x 28 pixels, is already 2 x 9 x 8 x 784 FLOPs forward
+    assert per_image[0] > 2 * 9 * 8 * 784
+
+
+def test_bench_reports_speed_and_share_of_peak(capsys):
+    code, out, err = run(["bench", "--channels", "8,16", "--batch-size", 4, "--steps", 1, "--repeats", 1,
+                          "--precision", "fp32"], capsys)
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("fp32:"))
+    assert "GFLOP/s" in line and "img/s" in line and "% of peak" in line
+    assert "GFLOP per training image" in out
+    code, _, err = run(["bench", "--steps", 0], capsys)
+    assert_one_line_error(code, err, "--steps")
