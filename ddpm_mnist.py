@@ -1219,6 +1219,9 @@ DEFAULT_GUIDANCE = 0.5
 
 def resolve_ckpt(arg):
     """--ckpt if given, else ./ddpm_mnist.pt if it exists, else the shipped model."""
+    # Your own model wins over the shipped one as soon as `train` has written
+    # it, so "train, then sample" needs no flags; a fresh clone still draws
+    # digits at once. The line load_for_sampling prints says which file won.
     if arg is not None:
         return Path(arg)
     if Path(DEFAULT_CKPT).is_file():
@@ -1252,6 +1255,8 @@ def load_for_sampling(args, guided):
 
 
 def sampler_kwargs(args, precision):
+    # sample and evaluate share their sampling flags; this is the one place
+    # that turns them into generate()'s arguments.
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=args.guidance,
                 clip=not args.no_clip, seed=args.seed, batch_size=args.batch_size, precision=precision)
 
@@ -1415,6 +1420,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def channels_arg(text):
+    # "32,64,128" -> [32, 64, 128]. Whether the widths suit the U-Net (multiples
+    # of 8 for GroupNorm, ...) is checked later, with the image size at hand.
     try:
         return [int(c) for c in text.split(",")]
     except ValueError:
@@ -1503,6 +1510,9 @@ def build_parser():
 
 
 def main(argv=None):
+    # argv is a parameter so the tests can drive the real CLI in-process. A
+    # UserError is the user's to fix: one line, exit 1. Anything else is a bug
+    # in this file and keeps its traceback, which is what a bug report needs.
     args = build_parser().parse_args(argv)
     commands = dict(train=train, sample=cmd_sample, forward=cmd_forward, evaluate=cmd_evaluate, bench=cmd_bench,
                     export=cmd_export)
