@@ -490,7 +490,7 @@ def diffusion_loss(model, x0, y, sched, gen, device):
 def min_snr_weights(alphas_bar, t, gamma=MIN_SNR_GAMMA):
     """min(SNR_t, gamma) / SNR_t, written as gamma / max(SNR_t, gamma) so that
     alpha_bar_t = 0 (pure noise) gives 1 rather than 0 / 0."""
-    ab = alphas_bar.to(t.device)[t]
+    ab = at(alphas_bar, t).view(-1)
     return gamma / torch.clamp(ab / (1 - ab), min=gamma)
 
 
@@ -513,16 +513,20 @@ def lr_lambda(total_steps):
     return factor
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; raised before any weight changed."""
+
+
 def train_step(model, ema, opt, lr_sched, x0, y, sched, gen, device, precision, step):
     """One optimisation step on one batch; returns the loss.
 
-    A non-finite loss is returned before anything is updated: a NaN would
-    silently poison the weights and then the EMA, so the caller stops at once,
-    before the next checkpoint overwrites a good one."""
+    A non-finite loss raises NonFiniteLoss before anything is updated: a NaN
+    would silently poison the weights and then the EMA, so training stops at
+    once, before the next checkpoint overwrites a good one."""
     with autocast(device, precision):   # bf16 matmuls and convs; the loss itself is fp32
         loss = diffusion_loss(model, x0, y, sched, gen, device)
     if not torch.isfinite(loss):
-        return loss
+        raise NonFiniteLoss(f"loss became {loss.item()} at step {step}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     # Clipping the gradient norm keeps one unlucky batch (early in training,
@@ -643,10 +647,10 @@ def train(args):
         perm = torch.randperm(len(x_all), generator=gen).to(device)   # a fresh shuffle per epoch
         for i in range(steps_per_epoch):
             idx = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
-            loss = train_step(model, ema, opt, lr_sched, x_all[idx], y_all[idx], sched, gen, device, precision, step)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step}; try a lower --lr "
-                                f"(the last good checkpoint is {ckpt_path})")
+            try:
+                loss = train_step(model, ema, opt, lr_sched, x_all[idx], y_all[idx], sched, gen, device, precision, step)
+            except NonFiniteLoss as e:
+                raise UserError(f"{e}; try a lower --lr (the last good checkpoint is {ckpt_path})") from None
             step += 1
             images_done += len(idx)
 
