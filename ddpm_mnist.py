@@ -267,7 +267,7 @@ def q_sample(x0, t, eps, alphas_bar):
 # from a sinusoidal embedding of t, like a Transformer's position encoding.
 #
 # The label y has 11 embeddings: one per digit and one meaning "no label".
-# Training shows the model "no label" 10% of the time, so one network learns
+# Training shows the model "no label" 20% of the time, so one network learns
 # both p(x | y) and p(x); sampling combines the two (classifier-free guidance,
 # Ho & Salimans 2022), see section 5.
 # -----------------------------------------------------------------------------
@@ -454,8 +454,11 @@ def count_params(model):
 #   - small batches of 32: in a 30-minute budget, optimisation steps are what
 #     is scarce. Batch 32 makes four times the steps of batch 128 in the same
 #     time (on a CPU the images/s barely change) and beat it by far;
-#   - labels are replaced by "no label" with probability 0.1 (Ho & Salimans
-#     2022, Algorithm 1) so the same network also learns p(x);
+#   - labels are replaced by "no label" with probability 0.2 (Ho & Salimans
+#     2022, Algorithm 1) so the same network also learns p(x). The paper's
+#     0.1 left our unconditional samples far worse than the conditional ones;
+#     0.2 cut their FID by a third and improved the guided samples too
+#     (README, "The training recipe");
 #   - AdamW, a short linear warm-up then cosine decay of the learning rate, and
 #     gradient clipping at norm 1: the usual recipe for a stable short run;
 #   - an exponential moving average (EMA) of the weights is what we sample with.
@@ -466,7 +469,7 @@ def count_params(model):
 #     can be killed and resumed exactly where the last epoch ended.
 # -----------------------------------------------------------------------------
 
-P_UNCOND = 0.1
+P_UNCOND = 0.2
 MIN_SNR_GAMMA = 5.0
 TRAIN_IMAGES = 300_000       # the default length of a run, in images seen
 EMA_DECAY = 0.999
@@ -581,6 +584,20 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
     return model
 
 
+RUN_FLAGS = ("channels", "image_size", "schedule", "timesteps", "epochs", "batch_size", "lr", "seed", "digit", "limit")
+
+
+def check_resume_flags(args, cfg, ckpt_path):
+    # A flag given together with --resume that contradicts the checkpoint's
+    # config would otherwise be ignored without a word: say so and stop.
+    defaults = vars(build_parser().parse_args(["train"]))
+    clashes = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {cfg[k]})" for k in RUN_FLAGS
+               if getattr(args, k) != defaults[k] and getattr(args, k) != cfg[k]]
+    if clashes:
+        raise UserError(f"--resume continues {ckpt_path} with its own config, but you also gave "
+                        f"{', '.join(clashes)}; drop those flags, or start a new run with another --ckpt")
+
+
 def train(args):
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
@@ -594,6 +611,7 @@ def train(args):
         if "optimizer" not in ckpt:
             raise UserError(f"{ckpt_path} holds only exported weights, not a training state to resume")
         cfg = ckpt["config"]
+        check_resume_flags(args, cfg, ckpt_path)
         print(f"resuming {ckpt_path} at epoch {ckpt['epoch']}, step {ckpt['step']} (its own config: {cfg})")
     else:
         cfg = dict(channels=args.channels, blocks=1, image_size=args.image_size,
@@ -1179,6 +1197,9 @@ def cmd_bench(args):
               f"{100 * rate * flops / peak:.0f}% of peak")
     if args.profile:
         # Where the time goes, by operator, for the last precision above.
+        # KINETO_LOG_LEVEL 5 silences the profiler library's start-up chatter
+        # (a CUDA build of torch on a machine without a GPU logs an "ERROR").
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:

@@ -304,8 +304,11 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(mnist_dir, t
     assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 4   # epoch 1 intact
     monkeypatch.setattr(D, "diffusion_loss", real_loss)
 
-    code, out, _ = run(["train", "--data-dir", mnist_dir, "--resume", "--ckpt", tmp_path / "resumed.pt",
-                        "--precision", "fp32"], capsys)
+    # A flag that contradicts the checkpoint's config is refused, not ignored;
+    # flags that repeat it (here *TINY and --epochs 2) are fine.
+    code, _, err = run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt", "--lr", 0.123], capsys)
+    assert_one_line_error(code, err, "--lr 0.123", "its own config")
+    code, out, _ = run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)
     assert code == 0 and "resuming" in out and "step 8/8" in out
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
