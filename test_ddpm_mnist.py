@@ -521,6 +521,24 @@ def test_asking_for_a_missing_gpu(trained, capsys):
     assert_one_line_error(code, err, "cuda")
 
 
+def test_auto_precision_on_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert D.pick_precision("bf16", cpu) == "bf16" and D.pick_precision("fp32", cpu) == "fp32"
+    # without bf16 instructions: fp32, and no timing
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: False)
+    D.cpu_bf16_is_faster.cache_clear()
+    assert D.pick_precision("auto", cpu) == "fp32"
+    # with them, the timing runs and leaves seeded runs alone
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: True)
+    D.cpu_bf16_is_faster.cache_clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert D.pick_precision("auto", cpu) in ("bf16", "fp32")
+    assert torch.equal(torch.rand(3), expected)
+    D.cpu_bf16_is_faster.cache_clear()
+
+
 def test_default_checkpoint_choice(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(D, "SHIPPED_CKPT", tmp_path / "shipped.pt")
