@@ -539,6 +539,13 @@ def test_auto_precision_on_the_cpu(monkeypatch):
     D.cpu_bf16_is_faster.cache_clear()
 
 
+@pytest.mark.parametrize("capability, precision", [((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_needs_ampere(capability, precision, monkeypatch):
+    # a Turing GPU only emulates bf16; no GPU is needed to check the rule
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert D.pick_precision("auto", torch.device("cuda")) == precision
+
+
 def test_default_checkpoint_choice(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(D, "SHIPPED_CKPT", tmp_path / "shipped.pt")
