@@ -89,14 +89,13 @@ def cpu_has_native_bf16():
 
 @functools.cache
 def cpu_bf16_is_faster():
-    # Time one convolution of the U-Net's middle size, forward and backward, in
-    # both precisions (about 0.2 s, once per run). The two take turns and each
-    # keeps its fastest time, so a moment of load from elsewhere, which only
-    # ever adds time, cannot tip the choice. bf16 must win by 20%: it costs
-    # precision, and a near tie is not worth it. A private generator keeps the
-    # global random state, and so seeded runs, untouched.
-    if not cpu_has_native_bf16():
-        return False
+    # Asked only where the CPU has bf16 instructions. Time one convolution of
+    # the U-Net's middle size, forward and backward, in both precisions (about
+    # 0.2 s, once per run). The two take turns and each keeps its fastest time,
+    # so a moment of load from elsewhere, which only ever adds time, cannot tip
+    # the choice. bf16 must win by 20%: it costs precision, and a near tie is
+    # not worth it. A private generator keeps the global random state, and so
+    # seeded runs, untouched.
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 64, 3, 3, generator=g, requires_grad=True)
     x = torch.randn(32, 64, 14, 14, generator=g, requires_grad=True)
@@ -112,16 +111,23 @@ def cpu_bf16_is_faster():
     return fastest[False] > 1.2 * fastest[True]
 
 
-def pick_precision(name, device):
-    if name != "auto":
-        return name
+def has_native_bf16(device):
     if device.type == "cuda":
         # bf16 tensor cores arrived with Ampere (compute capability 8.0);
         # is_bf16_supported() would also say yes to the emulation on older GPUs
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        return "bf16" if cpu_bf16_is_faster() else "fp32"
-    return "fp32"  # MPS: bf16 autocast depends on the macOS version; fp32 is safe
+        return cpu_has_native_bf16()
+    return False  # MPS: bf16 autocast depends on the macOS version; fp32 is safe
+
+
+def pick_precision(name, device):
+    if name != "auto":
+        return name
+    if not has_native_bf16(device):
+        return "fp32"
+    # a GPU's bf16 units are always the faster; a CPU's instructions may not be
+    return "bf16" if device.type != "cpu" or cpu_bf16_is_faster() else "fp32"
 
 
 def autocast(device, precision):
@@ -1196,12 +1202,11 @@ def cmd_bench(args):
         raise UserError("--steps, --repeats and --batch-size must be at least 1")
     device = pick_device(args.device)
     # auto: fp32, and bf16 too where the hardware has it, to compare the two
-    # (on a CPU, whether or not bf16 will time faster there)
+    # (on a CPU, whether or not bf16 would win the timing of pick_precision)
     if args.precision != "auto":
         precisions = [args.precision]
     else:
-        has_bf16 = cpu_has_native_bf16() if device.type == "cpu" else pick_precision("auto", device) == "bf16"
-        precisions = ["fp32"] + (["bf16"] if has_bf16 else [])
+        precisions = ["fp32"] + (["bf16"] if has_native_bf16(device) else [])
     cfg = dict(channels=args.channels, blocks=1, image_size=28, schedule="cosine", timesteps=1000)
     check_model_config(cfg)
     sched = make_schedule(cfg["schedule"], cfg["timesteps"])
@@ -1263,9 +1268,9 @@ def cmd_bench(args):
 # with 20 steps. For a requested digit, deterministic DDIM (eta = 0) and
 # guidance w = 0.5: the best FID of w = 0, 0.5, 0.75, 1 and 2, with the digit
 # right 99.2% of the time at n = 1000 (w = 2: 100%, but samples so alike that
-# FID is 3.3 times worse). For any digit, eta = 1: fresh noise at every step corrects
-# the weaker unconditional model's mistakes (FID 91 against 159 for eta = 0,
-# n = 500).
+# FID is 3.3 times worse). For any digit, eta = 1: fresh noise at every step
+# corrects the weaker unconditional model's mistakes (FID 91 against 159 for
+# eta = 0, n = 500).
 # Batches of 100 images: on a 2-core CPU, guided sampling took 70 to 77 s per
 # 1000 images in batches of 100 and 93 s in batches of 500.
 # -----------------------------------------------------------------------------
