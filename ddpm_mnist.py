@@ -5,7 +5,7 @@ Read it top to bottom; it is written in the order you would learn the method:
 
     1. data          MNIST as one tensor in [-1, 1]
     2. forward       how images are noised: schedules and q(x_t | x_0)
-    3. network       a small U-Net that predicts the noise (as v)
+    3. network       a small U-Net that predicts the noise
     4. training      the simple loss, EMA, checkpoints, resume
     5. sampling      DDPM ancestral sampling, DDIM, classifier-free guidance
     6. pictures      grids, the forward process, reverse trajectories, GIFs
@@ -22,8 +22,6 @@ Papers, cited by equation number throughout:
     Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"
     Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM)
     Ho, Salimans 2022, "Classifier-Free Diffusion Guidance"
-    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of
-        Diffusion Models" (v-prediction)
     Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
     Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule" (FID)
 """
@@ -292,11 +290,11 @@ def q_sample(x0, t, eps, alphas_bar):
 
 
 # -----------------------------------------------------------------------------
-# 3. The network: a compact U-Net v_theta(x_t, t, y)
+# 3. The network: a compact U-Net eps_theta(x_t, t, y)
 #
 # The model sees a noisy image x_t, the timestep t and (optionally) the digit y,
-# and predicts what was mixed in: the noise eps, written as v (section 4 says
-# why). Its output has the shape of its input, so we use a U-Net (Ronneberger et al. 2015, as in Ho et al. appendix B):
+# and predicts the noise eps that was mixed in. Its output has the shape of its
+# input, so we use a U-Net (Ronneberger et al. 2015, as in Ho et al. appendix B):
 #
 #   28x28 --down--> 14x14 --down--> 7x7 (+ self-attention) --up--> 14 --up--> 28
 #
@@ -483,46 +481,28 @@ def count_params(model):
 #
 #     L_simple = E || eps - eps_theta(x_t, t, y) ||^2
 #
-# That is Algorithm 1 of the paper, and the heart of training. We change two
-# things, both about *how* the same quantity is learned:
-#   - the network outputs v instead of eps (Salimans & Ho 2022, section 4):
-#
-#         v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
-#
-#     which holds the same information: given x_t, both the noise and the
-#     clean image follow from v by a rotation (v_to_x0_and_eps below). Why:
-#     sampling needs the clean-image estimate, and from a noise estimate that
-#     is x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t).
-#     At high noise alpha_bar_t is tiny (2e-9 at t = T-1 under the cosine
-#     schedule), so any error in eps_hat is multiplied by up to 20,000, and
-#     the first sampling steps, which decide the digit and its shape, see an
-#     x0_hat that is pure guesswork. v slides from eps (clean end) to -x_0
-#     (noisy end), so x0_hat stays well-behaved at every t. On the same
-#     network and budget, together with label dropout 0.3 (below), it cut
-#     the FID of the plain conditional model from 30.2 to 19.8 and raised its
-#     accuracy from 92.1% to 94.4% (README, "The training recipe");
-#   - each image's squared error is weighted so that it counts the error of
-#     the clean-image estimate x0_hat with weight min(SNR_t, 5), where
+# That is Algorithm 1 of the paper, and all of training. Around it:
+#   - each image's squared error is weighted by min(SNR_t, 5) / SNR_t, where
 #     SNR_t = alpha_bar_t / (1 - alpha_bar_t) is the signal-to-noise ratio of
-#     x_t (Min-SNR-5, Hang et al. 2023). Why: ||eps - eps_hat||^2 =
-#     SNR_t ||x_0 - x0_hat||^2, so L_simple weights step t by SNR_t, and the
-#     nearly clean steps, where only invisible detail is left to fix, dominate
-#     the gradient; the weight caps that at 5. In v terms, since
-#     ||x_0 - x0_hat||^2 = (1 - alpha_bar_t) ||v - v_hat||^2, the weight on
-#     ||v - v_hat||^2 is min(SNR_t, 5) / (SNR_t + 1). For SNR_t <= 5 this is
-#     exactly L_simple. In our runs Min-SNR halved the FID after one epoch
-#     (README, "The training recipe");
+#     x_t (Min-SNR-5, Hang et al. 2023). Why: measured on the clean image,
+#     ||eps - eps_hat||^2 = SNR_t ||x_0 - x0_hat||^2, so L_simple weights step t
+#     by SNR_t, and the nearly clean steps, where only invisible detail is
+#     left to fix, dominate the gradient. The weight caps that at 5. In our
+#     runs it halved the FID after one epoch (README, "The training recipe");
 #   - small batches of 32: in a 30-minute budget, optimisation steps are what
 #     is scarce. Batch 32 makes four times the steps of batch 128 in the same
 #     time (on a CPU the images/s barely change) and beat it by far;
-#   - labels are replaced by "no label" with probability 0.3 (Ho & Salimans
+#   - labels are replaced by "no label" with probability 0.2 (Ho & Salimans
 #     2022, Algorithm 1) so the same network also learns p(x). The paper's
 #     0.1 left our unconditional samples far worse than the conditional ones;
-#     0.2 cut their FID by a third and improved the guided samples too.
-#     With eps-prediction, 0.3 helped the unconditional samples again but
-#     dropped the guided ones under 99% right; with v-prediction the guided
-#     samples stay above 99% at a lower guidance weight (README, "The
-#     training recipe");
+#     0.2 cut their FID by a third and improved the guided samples too;
+#     0.3 helped the unconditional samples again but dropped the guided ones
+#     under 99% right (README, "The training recipe");
+#   - the network predicts eps, as in the paper. Predicting the equivalent
+#     v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 instead (Salimans
+#     & Ho 2022) gave a much better unguided model but guided samples only
+#     a little better at the same 99% accuracy (README, "The training
+#     recipe"): not enough to add a second parametrisation to learn;
 #   - AdamW, a short linear warm-up then cosine decay of the learning rate, and
 #     gradient clipping at norm 1: the usual recipe for a stable short run;
 #   - an exponential moving average (EMA) of the weights is what we sample with.
@@ -533,7 +513,7 @@ def count_params(model):
 #     can be killed and resumed exactly where the last epoch ended.
 # -----------------------------------------------------------------------------
 
-P_UNCOND = 0.3
+P_UNCOND = 0.2
 MIN_SNR_GAMMA = 5.0
 TRAIN_IMAGES = 300_000       # the default length of a run, in images seen
 EMA_DECAY = 0.999
@@ -541,8 +521,8 @@ WARMUP_FRACTION = 0.05
 
 
 def diffusion_loss(model, x0, y, sched, gen, device):
-    """The loss on one batch (Ho et al. Algorithm 1): v-prediction, Min-SNR
-    weighted. Random draws come from `gen`."""
+    """L_simple on one batch (Ho et al. Algorithm 1), Min-SNR weighted. Random
+    draws come from `gen`."""
     B = x0.shape[0]
     t = torch.randint(0, sched.T, (B,), generator=gen)            # t in {0, ..., T-1}
     eps = torch.randn(x0.shape, generator=gen)
@@ -550,32 +530,15 @@ def diffusion_loss(model, x0, y, sched, gen, device):
     y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
     t, eps, y = t.to(device), eps.to(device), y.to(device)
     x_t = q_sample(x0, t, eps, sched.alphas_bar)
-    v = v_target(x0, eps, at(sched.alphas_bar, t))
-    error = (model(x_t, t, y).float() - v).square().mean(dim=(1, 2, 3))   # one per image
+    error = (model(x_t, t, y).float() - eps).square().mean(dim=(1, 2, 3))   # one per image
     return (min_snr_weights(sched.alphas_bar, t) * error).mean()
 
 
-def v_target(x0, eps, ab):
-    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022)."""
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-
-def v_to_x0_and_eps(x_t, v, ab):
-    """Invert v: the clean image and the noise it implies, given x_t. Both are
-    a rotation of (x_t, v) by the angle whose cosine is sqrt(alpha_bar), so
-    neither blows up at any t."""
-    x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * v
-    eps = (1 - ab).sqrt() * x_t + ab.sqrt() * v
-    return x0, eps
-
-
 def min_snr_weights(alphas_bar, t, gamma=MIN_SNR_GAMMA):
-    """min(SNR_t, gamma) / (SNR_t + 1): Min-SNR-gamma for a v-predicting
-    network (see above). Pure noise (SNR 0) gets weight 0: there, x_t holds
-    nothing of x_0 and v = -x_0 can only be guessed as the mean image."""
+    """min(SNR_t, gamma) / SNR_t, written as gamma / max(SNR_t, gamma) so that
+    alpha_bar_t = 0 (pure noise) gives 1 rather than 0 / 0."""
     ab = at(alphas_bar, t).view(-1)
-    snr = ab / (1 - ab)
-    return torch.clamp(snr, max=gamma) / (snr + 1)
+    return gamma / torch.clamp(ab / (1 - ab), min=gamma)
 
 
 @torch.no_grad()
@@ -653,11 +616,6 @@ def load_checkpoint(path):
 def model_from_checkpoint(ckpt, path, weights="ema"):
     """Rebuild the U-Net from the checkpoint's own config and load its weights."""
     cfg = ckpt["config"]
-    if isinstance(cfg, dict) and cfg.get("prediction") != "v":
-        # Checkpoints from before v-prediction (section 4) hold a network
-        # that predicts eps: loading it would run without error and draw noise.
-        raise UserError(f"{path} was written by an older ddpm_mnist.py whose network predicts eps, "
-                        f"not v; train a new model with this version")
     try:
         model = build_model(cfg)
     except (KeyError, TypeError) as e:
@@ -700,7 +658,7 @@ def train(args):
         check_resume_flags(args, cfg, ckpt_path)
         print(f"resuming {ckpt_path} at epoch {ckpt['epoch']}, step {ckpt['step']} (its own config: {cfg})")
     else:
-        cfg = dict(prediction="v", channels=args.channels, blocks=1, image_size=args.image_size,
+        cfg = dict(channels=args.channels, blocks=1, image_size=args.image_size,
                    schedule=args.schedule, timesteps=args.timesteps,
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    digit=args.digit, limit=args.limit)
@@ -788,14 +746,11 @@ def format_seconds(s):
 #
 # DDPM (Ho et al. Algorithm 2). Start from pure noise x_{T-1} ~ N(0, I) and
 # step t = T-1, ..., 0 through the learned reverse process. With the network's
-# output we first estimate the clean image; Ho et al. (eq. 15) write it from
-# the noise estimate, x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) /
-# sqrt(alpha_bar_t); our network predicts v, which gives it directly:
+# noise estimate we first estimate the clean image (Ho et al. eq. 15),
 #
-#     x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v_theta(x_t, t, y),
-#     eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v_theta(x_t, t, y).
+#     x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t),
 #
-# We clip x0_hat to the data range [-1, 1], then step to the mean of the
+# clip it to the data range [-1, 1], and then take a step to the mean of the
 # true posterior q(x_{t-1} | x_t, x0_hat) (Ho et al. eq. 6-7),
 #
 #     mu~_t = beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t) x0_hat
@@ -811,7 +766,7 @@ def format_seconds(s):
 # non-Markovian process that can skip steps: on a subsequence of S timesteps,
 #
 #     x_{t'} = sqrt(alpha_bar_{t'}) x0_hat
-#            + sqrt(1 - alpha_bar_{t'} - sigma^2) eps_hat + sigma z,
+#            + sqrt(1 - alpha_bar_{t'} - sigma^2) eps_theta + sigma z,
 #     sigma  = eta sqrt((1 - alpha_bar_{t'}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t'})
 #
 # (eq. 16), t' being the next timestep down. eta = 0 is deterministic: noise in,
@@ -826,23 +781,21 @@ def format_seconds(s):
 #
 # w = 0 is the plain conditional model; larger w gives more typical, more
 # clearly-that-digit samples at some cost in variety. (Some code writes the
-# same thing as eps_u + s (eps_c - eps_u) with s = 1 + w.) eps is a linear
-# function of v at a given x_t and t, so we apply the same formula to v: it
-# gives exactly the guided eps~ and the x0_hat that goes with it. Without a
-# label there is nothing to guide towards and one network pass is made.
+# same thing as eps_u + s (eps_c - eps_u) with s = 1 + w.) Without a label
+# there is nothing to guide towards and one network pass is made.
 # -----------------------------------------------------------------------------
 
-def predict_v(model, x_t, t, y, guidance, precision):
-    """v_theta(x_t, t, y) with classifier-free guidance weight w = guidance."""
+def predict_eps(model, x_t, t, y, guidance, precision):
+    """eps_theta(x_t, t, y) with classifier-free guidance weight w = guidance."""
     B = x_t.shape[0]
     tt = torch.full((B,), t, device=x_t.device, dtype=torch.long)
     with autocast(x_t.device, precision):
         if guidance == 0 or bool((y == NULL_LABEL).all()):
             return model(x_t, tt, y).float()
         null = torch.full_like(y, NULL_LABEL)
-        v_cond, v_uncond = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                 torch.cat([y, null])).float().chunk(2)
-    return (1 + guidance) * v_cond - guidance * v_uncond
+        eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                                     torch.cat([y, null])).float().chunk(2)
+    return (1 + guidance) * eps_cond - guidance * eps_uncond
 
 
 def randn_like_on(x, gen):
@@ -857,10 +810,10 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
     s = Schedule(*(v.to(x_T.device) for v in sched))
     x = x_T
     for t in reversed(range(s.T)):        # T-1, ..., 0: the same t the network saw in training
-        v = predict_v(model, x, t, y, guidance, precision)
-        x0_hat, eps = v_to_x0_and_eps(x, v, s.alphas_bar[t])
+        eps = predict_eps(model, x, t, y, guidance, precision)
         if clip:
-            mean = s.posterior_coef_x0[t] * x0_hat.clamp(-1, 1) + s.posterior_coef_xt[t] * x
+            x0_hat = ((x - (1 - s.alphas_bar[t]).sqrt() * eps) / s.alphas_bar[t].sqrt()).clamp(-1, 1)
+            mean = s.posterior_coef_x0[t] * x0_hat + s.posterior_coef_xt[t] * x
         else:
             mean = (x - s.betas[t] / (1 - s.alphas_bar[t]).sqrt() * eps) / s.alphas[t].sqrt()
         # sigma_t^2 = beta~_t (Ho et al. tried beta_t too; both work). At t = 0
@@ -889,8 +842,8 @@ def ddim_sample(model, sched, x_T, y, steps, eta=0.0, guidance=0.0, clip=True, g
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         ab = ab_all[t]
         ab_next = ab_all[t_next] if t_next >= 0 else torch.ones_like(ab)
-        v = predict_v(model, x, t, y, guidance, precision)
-        x0_hat, eps = v_to_x0_and_eps(x, v, ab)
+        eps = predict_eps(model, x, t, y, guidance, precision)
+        x0_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         if clip:
             # Clip, then recompute the noise that the clipped x0 implies, so the
             # two stay consistent (this is what makes eta = 1 equal DDPM).
@@ -1334,7 +1287,7 @@ DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 20
 DEFAULT_ETA_GUIDED = 0.0      # a digit asked for: deterministic DDIM
 DEFAULT_ETA_UNGUIDED = 1.0    # any digit: fresh noise at every step
-DEFAULT_GUIDANCE = 0.3
+DEFAULT_GUIDANCE = 0.5
 
 
 def resolve_ckpt(arg):
@@ -1569,7 +1522,7 @@ def build_parser():
         sp.add_argument("--eta", type=float, default=None,
                         help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0 for a digit, 1 for any digit)")
         sp.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help="classifier-free guidance w: v = (1+w) v(x,y) - w v(x); 0 = none")
+                        help="classifier-free guidance w: eps = (1+w) eps(x,y) - w eps(x); 0 = none")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x0 estimate to [-1, 1]")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--batch-size", type=int, default=100, help="images per network call")

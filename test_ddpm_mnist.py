@@ -240,23 +240,10 @@ def test_min_snr_weights(name):
     t = torch.arange(1000)
     w = D.min_snr_weights(s.alphas_bar, t)
     snr = s.alphas_bar / (1 - s.alphas_bar)
-    # On the clean-image error the weight is min(SNR, 5); on the v error that
-    # is divided by SNR + 1, since ||x0 err||^2 = (1 - alpha_bar) ||v err||^2.
-    assert torch.allclose(w * (snr + 1), snr.clamp(max=5), rtol=1e-5)
-    assert w[-1] < 1e-3 and w[0] < 0.01                     # pure noise and nearly clean: damped
-    assert w.max() == pytest.approx(5 / 6, rel=1e-3)        # largest where SNR = 5
-
-
-def test_v_round_trip():
-    # v and x_t together give back exactly the x_0 and eps they came from, at
-    # every t, including the near-pure noise of t = T-1 where alpha_bar ~ 1e-9.
-    s = D.make_schedule("cosine", 1000)
-    x0, eps = torch.rand(1000, 1, 4, 4) * 2 - 1, torch.randn(1000, 1, 4, 4)
-    t = torch.arange(1000)
-    ab = D.at(s.alphas_bar, t)
-    x_t = D.q_sample(x0, t, eps, s.alphas_bar)
-    x0_back, eps_back = D.v_to_x0_and_eps(x_t, D.v_target(x0, eps, ab), ab)
-    assert torch.allclose(x0_back, x0, atol=1e-5) and torch.allclose(eps_back, eps, atol=1e-5)
+    assert torch.all(w[snr <= 5] == 1)                           # noisy steps keep their full weight
+    assert torch.all(w[snr > 5] < 1) and w[0] < 1e-2             # nearly clean ones are damped
+    assert torch.all(w[1:] >= w[:-1])                            # monotone in t
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5])
 
 
 def test_lr_warms_up_then_decays_to_zero():
@@ -274,7 +261,7 @@ def test_train_writes_checkpoint_and_grid(trained):
 
 def test_checkpoint_round_trip_reproduces_outputs(tmp_path):
     m = tiny_model()
-    cfg = dict(prediction="v", channels=[8, 16], blocks=1, image_size=28, schedule="cosine", timesteps=50)
+    cfg = dict(channels=[8, 16], blocks=1, image_size=28, schedule="cosine", timesteps=50)
     path = tmp_path / "r.pt"
     D.atomic_save(dict(format="ddpm_mnist", config=cfg, ema=m.state_dict()), path)
     back = D.model_from_checkpoint(D.load_checkpoint(path), path).eval()
@@ -404,13 +391,13 @@ def test_ddim_eta_0_is_deterministic():
 
 def test_classifier_free_guidance_formula():
     class TwoFaced(torch.nn.Module):
-        def forward(self, x, t, y):   # v(x, c) = 1, v(x, none) = -1
+        def forward(self, x, t, y):   # eps(x, c) = 1, eps(x, none) = -1
             return torch.where((y == D.NULL_LABEL).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(x).clone()
     x = torch.zeros(2, 1, 3, 3)
-    v = D.predict_v(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=2.0, precision="fp32")
-    assert torch.allclose(v, torch.full_like(x, (1 + 2.0) * 1 - 2.0 * -1))
-    v0 = D.predict_v(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=0.0, precision="fp32")
-    assert torch.equal(v0, torch.ones_like(x))
+    eps = D.predict_eps(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=2.0, precision="fp32")
+    assert torch.allclose(eps, torch.full_like(x, (1 + 2.0) * 1 - 2.0 * -1))
+    eps0 = D.predict_eps(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=0.0, precision="fp32")
+    assert torch.equal(eps0, torch.ones_like(x))
 
 
 def test_seeded_sampling_is_reproducible_and_batched():
@@ -500,12 +487,6 @@ def test_sample_bad_checkpoints(trained, tmp_path, capsys):
     torch.save(ckpt, mismatched)
     code, _, err = run(["sample", "--ckpt", mismatched], capsys)
     assert_one_line_error(code, err, "do not fit")
-
-    del ckpt["config"]["prediction"]                   # as written before v-prediction
-    old = tmp_path / "old.pt"
-    torch.save(ckpt, old)
-    code, _, err = run(["sample", "--ckpt", old], capsys)
-    assert_one_line_error(code, err, "predicts eps")
 
 
 class Payload:
