@@ -630,6 +630,10 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
     except (RuntimeError, KeyError, AttributeError):
         raise UserError(f"{path}: its weights do not fit the model its config describes "
                         f"(channels {cfg['channels']}, blocks {cfg['blocks']}); the file is damaged or from another model") from None
+    # A NaN weight would give NaN images, and `evaluate` a linear-algebra
+    # traceback from the FID; say what is wrong instead.
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):
+        raise UserError(f"{path}: some of its weights are NaN or infinite; the file is damaged")
     return model
 
 

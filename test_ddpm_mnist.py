@@ -488,6 +488,13 @@ def test_sample_bad_checkpoints(trained, tmp_path, capsys):
     code, _, err = run(["sample", "--ckpt", mismatched], capsys)
     assert_one_line_error(code, err, "do not fit")
 
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["ema"]["out_conv.bias"][0] = float("nan")
+    poisoned = tmp_path / "nan.pt"
+    torch.save(ckpt, poisoned)
+    code, _, err = run(["sample", "--ckpt", poisoned], capsys)
+    assert_one_line_error(code, err, "NaN or infinite")
+
 
 class Payload:
     pass
