@@ -316,6 +316,10 @@ NULL_LABEL = NUM_CLASSES   # the extra "no label" class
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer timesteps: [B] -> [B, dim]."""
+    # Sines and cosines of t at frequencies from 1 down to 1/10000 (Vaswani
+    # et al. 2017): neighbouring t get similar vectors, far-apart t different
+    # ones, and the MLP that follows can read both coarse and fine position.
+    # A raw number t in 0..999 would be a poorly scaled input for a network.
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None, :]
@@ -343,8 +347,15 @@ class ResBlock(nn.Module):
         self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
+    # GroupNorm, not BatchNorm: it normalises each image on its own, so a
+    # sample does not depend on what else is in its batch, and training
+    # batches of 32 and sampling batches of any size behave alike.
+
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
+        # The conditioning enters right after a normalisation, which would
+        # otherwise wash out any shift added before it; "1 + scale" makes a
+        # zero output of the linear layer mean "leave the features alone".
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
@@ -352,7 +363,11 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of a small feature map, residual."""
+    """Multi-head self-attention over the pixels of a small feature map, residual.
+
+    Its cost grows with the square of the number of pixels: 49 at 7x7, where
+    we use it, against 784 at 28x28, 256 times the work. Convolutions see a
+    3x3 neighbourhood; attention lets the loop of a 6 see where its stem is."""
 
     def __init__(self, channels, heads=4, groups=8):
         super().__init__()
@@ -370,6 +385,8 @@ class SelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Halve the resolution with a strided 3x3 conv: a learned pooling."""
+
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
@@ -380,7 +397,10 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Double the resolution (nearest neighbour), then a 3x3 conv that also
-    narrows the channels to the next level's width."""
+    narrows the channels to the next level's width.
+
+    Resizing then convolving, rather than a transposed convolution, avoids
+    the checkerboard pattern the latter tends to print (Odena et al. 2016)."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -391,10 +411,14 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, channels=(32, 64, 128), blocks=1, image_size=28):
+    """eps_theta(x_t, t, y): [B, 1, H, W], [B], [B] -> [B, 1, H, W]."""
+
+    def __init__(self, channels=(32, 64, 128), blocks=1):
         super().__init__()
         c0, levels = channels[0], len(channels)
-        emb_dim = 4 * c0
+        # Each level halves the resolution and widens the features, as in Ho
+        # et al.: coarser maps need more channels to describe what is where.
+        emb_dim = 4 * c0       # the conditioning vector's width, 4x the first level's, as in Ho et al.
         self.c0 = c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(NUM_CLASSES + 1, emb_dim)
@@ -424,6 +448,9 @@ class UNet(nn.Module):
             if level > 0:
                 self.upsample.append(Upsample(ch, channels[level - 1]))
 
+        # The output layer starts at zero: the untrained model predicts eps = 0,
+        # the mean of the noise, so training starts from that sensible guess
+        # rather than from a random network's arbitrary output.
         self.out_norm = nn.GroupNorm(8, c0)
         self.out_conv = zero_init(nn.Conv2d(c0, 1, 3, padding=1))
 
@@ -465,7 +492,7 @@ def check_model_config(cfg):
 
 def build_model(cfg):
     check_model_config(cfg)
-    return UNet(tuple(cfg["channels"]), cfg["blocks"], cfg["image_size"])
+    return UNet(tuple(cfg["channels"]), cfg["blocks"])   # any image size: convolutions and attention do not care
 
 
 def count_params(model):

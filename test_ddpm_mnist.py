@@ -87,7 +87,7 @@ def assert_one_line_error(code, err, *words):
 
 def tiny_model(seed=0, channels=(8, 16), randomise_output=True):
     torch.manual_seed(seed)
-    m = D.UNet(channels, 1, 28).eval()
+    m = D.UNet(channels, 1).eval()
     if randomise_output:   # zero-init makes an untrained U-Net output 0; wake it up
         torch.nn.init.normal_(m.out_conv.weight, std=0.3)
         for block in [b for level in m.down for b in level]:
@@ -157,12 +157,12 @@ def test_q_sample_statistics():
 # --- 3. network ------------------------------------------------------------------
 
 def test_unet_shapes_and_zero_init():
-    m = D.UNet((8, 16, 32), 1, 28)
+    m = D.UNet((8, 16, 32), 1)
     x = torch.randn(3, 1, 28, 28)
     out = m(x, torch.tensor([0, 10, 999]), torch.tensor([0, 9, D.NULL_LABEL]))
     assert out.shape == x.shape
     assert out.abs().max() == 0          # zero-initialised output layer
-    m32 = D.UNet((8, 16, 32, 32), 2, 32)
+    m32 = D.UNet((8, 16, 32, 32), 2)
     assert m32(torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), torch.tensor([3, 4])).shape == (2, 1, 32, 32)
 
 
@@ -208,7 +208,7 @@ def test_a_few_steps_lower_the_loss(mnist_dir):
     x, y = D.load_mnist(mnist_dir, limit=64)
     s = D.make_schedule("cosine", 100)
     torch.manual_seed(0)
-    m = D.UNet((8, 16), 1, 28)
+    m = D.UNet((8, 16), 1)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
 
     def fixed_loss():   # same t, eps, labels every time
