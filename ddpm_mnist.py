@@ -916,7 +916,13 @@ def generate(model, sched, labels, image_size, sampler="ddim", steps=50, eta=0.0
         else:
             x = ddim_sample(model, sched, x_T, y, steps, eta, guidance, clip, gen, precision, cb)
         out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+    x = torch.cat(out)
+    # A NaN anywhere (weights that overflowed in training, or --no-clip letting
+    # values run away) would become a black picture or a crash inside the FID.
+    bad = int(x.isnan().flatten(1).any(1).sum())
+    if bad:
+        raise UserError(f"{bad} of {len(x)} samples came out NaN: the model or its sampling diverged")
+    return x
 
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -522,6 +522,15 @@ def test_sample_bad_arguments(args, words, trained, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_nan_samples_are_reported_not_drawn(command, trained, mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(D, "predict_eps", lambda model, x, *rest: torch.full_like(x, float("nan")))
+    extra = ["--data-dir", mnist_dir, "--classifier", tmp_path / "clf.pt", "--n", 20] if command == "evaluate" else []
+    code, _, err = run([command, "--ckpt", trained, "--steps", 2, "--out-dir", tmp_path / "each", *extra], capsys)
+    assert_one_line_error(code, err, "nan")
+    assert not (tmp_path / "each").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_asking_for_a_missing_gpu(trained, capsys):
     code, _, err = run(["sample", "--ckpt", trained, "--device", "cuda"], capsys)
