@@ -389,6 +389,59 @@ def test_ddim_eta_0_is_deterministic():
     assert not torch.equal(c, d)
 
 
+def test_dpm_timesteps_are_even_in_log_snr():
+    s = D.make_schedule("cosine", 1000)
+    ts = D.dpm_timesteps(s.alphas_bar, 20)
+    assert len(ts) == 20 and ts[:2] == [999, 990] and ts[-1] == 0
+    assert all(a > b for a, b in zip(ts, ts[1:]))
+    steps_in_lambda = D.log_snr(s.alphas_bar)[ts[1:]].diff()
+    # Even, except near t = 0 where lambda moves fast and t must be a whole number.
+    assert (steps_in_lambda[:-2] - steps_in_lambda.median()).abs().max() < 0.1 * steps_in_lambda.median()
+    assert D.dpm_timesteps(s.alphas_bar, 1) == [999] and D.dpm_timesteps(s.alphas_bar, 2) == [999, 0]
+    tiny = D.dpm_timesteps(D.make_schedule("cosine", 20).alphas_bar, 20)
+    assert tiny[0] == 19 and tiny[-1] == 0 and len(set(tiny)) == len(tiny) <= 20
+
+
+class ExactGaussianEps(torch.nn.Module):
+    """The exact eps_theta when the data is N(0, s^2 I): E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab)."""
+
+    def __init__(self, alphas_bar, s):
+        super().__init__()
+        self.ab, self.s = alphas_bar.double(), s
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, y):
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        return ((1 - ab).sqrt() * x / (ab * self.s ** 2 + 1 - ab)).float()
+
+
+def test_dpm_solver_follows_the_ode_better_than_ddim():
+    # For Gaussian data the probability-flow ODE has a closed form: x_t is x_T
+    # scaled by the ratio of the marginal standard deviations. Both samplers
+    # with eta = 0 approximate it; the second-order one should land closer.
+    s, sd = D.make_schedule("cosine", 1000), 0.5
+    m, y = ExactGaussianEps(s.alphas_bar, sd), torch.full((64,), D.NULL_LABEL)
+    x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ab_T = s.alphas_bar[-1].double()
+    exact = (x_T.double() * sd / (ab_T * sd ** 2 + 1 - ab_T).sqrt()).float()
+    err = {}
+    for steps in (6, 20):
+        dpm = D.dpm_solver_sample(m, s, x_T, y, steps, clip=False)
+        ddim = D.ddim_sample(m, s, x_T, y, steps, clip=False)
+        err[steps] = ((dpm - exact).abs().max().item(), (ddim - exact).abs().max().item())
+        assert err[steps][0] < 0.5 * err[steps][1], err
+    assert err[20][0] < err[6][0] and err[20][0] < 0.05, err
+
+
+def test_dpm_solver_first_step_is_ddim():
+    # With two timesteps there is no previous estimate to extrapolate from.
+    s, m = D.make_schedule("cosine", 50), tiny_model()
+    x_T, y = torch.randn(2, 1, 28, 28), torch.tensor([4, D.NULL_LABEL])
+    a = D.dpm_solver_sample(m, s, x_T, y, steps=2, guidance=0.5)
+    b = D.ddim_sample(m, s, x_T, y, steps=2, guidance=0.5)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_classifier_free_guidance_formula():
     class TwoFaced(torch.nn.Module):
         def forward(self, x, t, y):   # eps(x, c) = 1, eps(x, none) = -1
@@ -428,6 +481,7 @@ def test_sample_cli_grid_prompt_and_out_dir(trained, tmp_path, capsys):
                            "--out", out, "--out-dir", tmp_path / "each"], capsys)
     assert code == 0, stdout
     assert str(trained) in stdout and "img/s" in stdout and "digit 7" in stdout
+    assert "DPM-Solver++(2M) 4 steps, guidance 0.5" in stdout             # the guided default
     assert Image.open(out).size == (3 * 30 + 2, 2 * 30 + 2)          # ceil(sqrt(6)) = 3 per row
     files = sorted((tmp_path / "each").iterdir())
     assert [f.name for f in files] == [f"{i:05d}.png" for i in range(6)]
@@ -515,6 +569,7 @@ def test_a_checkpoint_cannot_run_code(tmp_path, capsys):
     (["--prompt", "eleven"], ["eleven", "zero, one"]),
     (["--eta", 2], ["eta"]),
     (["--sampler", "euler"], ["invalid choice"]),
+    (["--sampler", "dpm++", "--eta", 1], ["eta", "ddim"]),
 ])
 def test_sample_bad_arguments(args, words, trained, tmp_path, capsys):
     code, _, err = run(["sample", "--ckpt", trained, "--out", tmp_path / "x.png", *args], capsys)
