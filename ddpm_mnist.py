@@ -21,6 +21,7 @@ Papers, cited by equation number throughout:
     Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models" (DDPM)
     Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"
     Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM)
+    Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis"
     Ho, Salimans 2022, "Classifier-Free Diffusion Guidance"
     Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
         Diffusion Probabilistic Models"
@@ -62,7 +63,7 @@ class UserError(Exception):
 # needed because the instructions alone do not tell: on one 2-core CPU with
 # AVX512-BF16 we saw bf16 train 1.7 times faster than fp32, on another 0.7
 # times as fast. Losses, the noise schedule and the sampler's arithmetic
-# always stay in fp32.
+# always stay in fp32 or better.
 # -----------------------------------------------------------------------------
 
 def pick_device(name):
@@ -303,7 +304,7 @@ def q_sample(x0, t, eps, alphas_bar):
 # with skip connections carrying detail from each resolution on the way down to
 # the same resolution on the way up. Each level is a few residual blocks
 # (GroupNorm, SiLU, 3x3 conv). The timestep enters every block as a learned
-# scale and shift of its features (FiLM, as in Nichol & Dhariwal), computed
+# scale and shift of its features (FiLM, as in Dhariwal & Nichol), computed
 # from a sinusoidal embedding of t, like a Transformer's position encoding.
 #
 # The label y has 11 embeddings: one per digit and one meaning "no label".
@@ -318,7 +319,7 @@ NULL_LABEL = NUM_CLASSES   # the extra "no label" class
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer timesteps: [B] -> [B, dim]."""
-    # Sines and cosines of t at frequencies from 1 down to 1/10000 (Vaswani
+    # Sines and cosines of t at frequencies from 1 down towards 1/10000 (Vaswani
     # et al. 2017): neighbouring t get similar vectors, far-apart t different
     # ones, and the MLP that follows can read both coarse and fine position.
     # A raw number t in 0..999 would be a poorly scaled input for a network.
@@ -355,9 +356,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        # The conditioning enters right after a normalisation, which would
-        # otherwise wash out any shift added before it; "1 + scale" makes a
-        # zero output of the linear layer mean "leave the features alone".
+        # The conditioning scales and shifts each channel right after a
+        # normalisation, so it sets each feature's size and offset directly
+        # (adaptive GroupNorm, which Dhariwal & Nichol found better than
+        # adding it); "1 + scale" makes a zero output mean "leave alone".
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
@@ -368,8 +370,9 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention over the pixels of a small feature map, residual.
 
     Its cost grows with the square of the number of pixels: 49 at 7x7, where
-    we use it, against 784 at 28x28, 256 times the work. Convolutions see a
-    3x3 neighbourhood; attention lets the loop of a 6 see where its stem is."""
+    we use it, against 784 at 28x28, 256 times as many pairs. Convolutions
+    mix features by position, the same weights everywhere; attention mixes
+    them by content, any pixel with any other, in a single layer."""
 
     def __init__(self, channels, heads=4, groups=8):
         super().__init__()
@@ -829,17 +832,18 @@ def format_seconds(s):
 #
 #     D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,
 #
-# which is second-order accurate for the cost of DDIM: the previous estimate
-# is remembered, not recomputed. A line through x0_hat is accurate where
-# x0_hat changes evenly in lambda, so the timesteps are spaced evenly in
-# lambda, not in t. One exception: the cosine schedule's last 1% of steps is
-# pure noise in all but name (alpha_bar falls from 2e-4 to 2e-9, nearly 40%
-# of the lambda range), so the first step jumps from T-1 straight to 0.99 T
-# and the even spacing starts there (Lu et al.'s own code likewise ends the
-# cosine schedule at 0.9946 T). For guided samples, where the deterministic sampler
-# is the default, this scored a better FID at 20 steps than DDIM at 20
-# (README, "Quality against speed"); without a label, fresh noise (DDIM with
-# eta = 1) beats any deterministic sampler, so DDIM stays the default there.
+# which is second-order accurate for DDIM's number of network calls: the
+# previous estimate is remembered, not recomputed. A line through x0_hat is
+# accurate where x0_hat changes evenly in lambda, so the timesteps are spaced
+# evenly in lambda, not in t. One exception, for the cosine schedule: its
+# last 1% of steps is pure noise in all but name (alpha_bar falls from 2e-4
+# to 2e-9, nearly 40% of the lambda range), so the first step jumps from T-1
+# straight to 0.99 T and the even spacing starts there (Lu et al.'s own code
+# likewise ends the cosine schedule at 0.9946 T). For guided samples, where
+# the deterministic sampler is the default, this scored a better FID at 20
+# steps than DDIM at 20 (README, "Quality against speed"); without a label,
+# fresh noise (DDIM with eta = 1) beats any deterministic sampler, so DDIM
+# stays the default there.
 #
 # Classifier-free guidance (Ho & Salimans 2022, eq. 6). We run the network with
 # the label and with "no label" and extrapolate away from the unconditional
@@ -933,44 +937,58 @@ def log_snr(alphas_bar):
 
 
 def dpm_timesteps(alphas_bar, steps):
-    """T-1, then timesteps evenly spaced in lambda from 0.99 T down to 0.
+    """`steps` timesteps from T-1 down to 0, evenly spaced in lambda.
 
-    Each lambda is rounded to the nearest timestep the network was trained
-    on; a tiny T may round two to one, so there can be fewer than `steps`."""
+    With the cosine schedule the first step jumps from T-1 to 0.99 T and the
+    even spacing starts there (see above); it does so whenever that last 1%
+    spans more lambda than an even step would. Each lambda is rounded to the
+    nearest timestep the network was trained on, then nudged so that no two
+    coincide (near t = 0 lambda moves fast and several round alike)."""
     T = len(alphas_bar)
     if steps <= 2:
         return [T - 1, 0][:steps]
     lam = log_snr(alphas_bar)
-    targets = torch.linspace(lam[int(0.99 * T)].item(), lam[0].item(), steps - 1, dtype=torch.float64)
-    ts = [T - 1] + [int((lam - v).abs().argmin()) for v in targets]
-    return sorted(set(ts), reverse=True)
+    t_top = int(0.99 * T)
+    if t_top < T - 1 and lam[t_top] - lam[T - 1] > (lam[0] - lam[T - 1]) / (steps - 1):
+        targets = [lam[T - 1]] + list(torch.linspace(lam[t_top].item(), lam[0].item(), steps - 1, dtype=torch.float64))
+    else:
+        targets = list(torch.linspace(lam[T - 1].item(), lam[0].item(), steps, dtype=torch.float64))
+    ts = [int((lam - v).abs().argmin()) for v in targets]
+    for k in reversed(range(steps - 1)):      # upwards from t = 0: strictly increasing
+        ts[k] = max(ts[k], ts[k + 1] + 1)
+    ts[0] = T - 1
+    for k in range(1, steps):                 # downwards from T-1: within range
+        ts[k] = min(ts[k], ts[k - 1] - 1)
+    return ts
 
 
 @torch.no_grad()
 def dpm_solver_sample(model, sched, x_T, y, steps, guidance=0.0, clip=True, precision="fp32", callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on timesteps even in log-SNR."""
-    ab_all = sched.alphas_bar.to(x_T.device).double()
+    # The step coefficients are Python floats (float64), worked out on the CPU
+    # from the stored schedule: Apple's MPS has no float64 tensors.
+    ab_all = sched.alphas_bar.double()
     lam_all = log_snr(ab_all)
     ts = dpm_timesteps(sched.alphas_bar, steps)
     x = x_T
     x0_prev = h_prev = None
     for i, t in enumerate(ts):
-        ab = ab_all[t]
+        ab = ab_all[t].item()
         eps = predict_eps(model, x, t, y, guidance, precision)
-        x0_hat = (x - (1 - ab).sqrt().float() * eps) / ab.sqrt().float()
+        x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
         if i + 1 == len(ts):                 # after t = 0 comes the clean image
             x = x0_hat
         else:
             t_next = ts[i + 1]
-            ab_next = ab_all[t_next]
-            h = lam_all[t_next] - lam_all[t]
+            ab_next = ab_all[t_next].item()
+            h = (lam_all[t_next] - lam_all[t]).item()
             D = x0_hat                       # the first step has no previous estimate: DDIM
             if x0_prev is not None:
                 r = h_prev / h
-                D = (1 + 1 / (2 * r)).float() * x0_hat - (1 / (2 * r)).float() * x0_prev
-            x = ((1 - ab_next) / (1 - ab)).sqrt().float() * x - (ab_next.sqrt() * torch.expm1(-h)).float() * D
+                D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * x0_prev
+            x = math.sqrt((1 - ab_next) / (1 - ab)) * x - math.sqrt(ab_next) * math.expm1(-h) * D
             x0_prev, h_prev = x0_hat, h
         if callback:
             callback(x)
@@ -1000,14 +1018,15 @@ def generate(model, sched, labels, image_size, sampler="ddim", steps=50, eta=0.0
             x = dpm_solver_sample(model, sched, x_T, y, steps, guidance, clip, precision, cb)
         else:
             x = ddim_sample(model, sched, x_T, y, steps, eta, guidance, clip, gen, precision, cb)
+        # A NaN or infinity (weights that overflowed in training, or --no-clip
+        # letting values run away) would become a black picture or a crash
+        # inside the FID; clamping would hide an infinity. Stop at once.
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        if bad:
+            raise UserError(f"{bad} of {len(x)} samples in a batch came out NaN or infinite: "
+                            "the model or its sampling diverged")
         out.append(x.clamp(-1, 1).cpu())
-    x = torch.cat(out)
-    # A NaN anywhere (weights that overflowed in training, or --no-clip letting
-    # values run away) would become a black picture or a crash inside the FID.
-    bad = int(x.isnan().flatten(1).any(1).sum())
-    if bad:
-        raise UserError(f"{bad} of {len(x)} samples came out NaN: the model or its sampling diverged")
-    return x
+    return torch.cat(out)
 
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -1400,8 +1419,8 @@ def cmd_bench(args):
 #
 # The sampling defaults were chosen by measurement (README, "Results"), 20
 # steps each. For a requested digit, DPM-Solver++(2M) with guidance w = 0.5:
-# at n = 1000 it scored FID 14.9 against 16.1 for deterministic DDIM at the
-# same cost, and w = 0.5 is the best FID of w = 0, 0.3, 0.4, 0.5, 0.75, 1
+# at n = 1000 it scored FID 14.9 against 16.1 for deterministic DDIM with as
+# many network calls, and w = 0.5 is the best FID of w = 0, 0.3, 0.4, 0.5, 0.75, 1
 # and 2 that draws the right digit at least 99% of the time (99.5%; w = 0.4
 # scored 12.8 but 98.9%, w = 2 100% but samples so alike that FID is worse).
 # For any digit, DDIM with eta = 1: fresh noise at every step corrects the
@@ -1451,6 +1470,8 @@ def resolve_sampler(args, guided):
 
 def load_for_sampling(args, guided):
     resolve_sampler(args, guided)
+    if args.sampler == "ddpm" and args.steps is not None:
+        raise UserError("--steps applies to DPM-Solver++ and DDIM; DDPM always takes all T steps")
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     path = resolve_ckpt(args.ckpt)
@@ -1667,7 +1688,8 @@ def build_parser():
         sp.add_argument("--steps", type=int, default=None,
                         help=f"DPM-Solver++ or DDIM steps, 1..T (default {DEFAULT_STEPS}); DDPM takes all T")
         sp.add_argument("--eta", type=float, default=None,
-                        help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0 for a digit, 1 for any digit)")
+                        help="DDIM noise, and giving it selects DDIM: 0 deterministic, 1 like DDPM "
+                             "(default with ddim: 0 for a digit, 1 for any digit)")
         sp.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help="classifier-free guidance w: eps = (1+w) eps(x,y) - w eps(x); 0 = none")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x0 estimate to [-1, 1]")

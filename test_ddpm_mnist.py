@@ -4,6 +4,7 @@ They build a tiny MNIST in the real IDX format in a temporary folder, so
 torchvision's own MNIST reader is exercised, and use tiny U-Nets.
 """
 
+import argparse
 import math
 import os
 import struct
@@ -398,8 +399,17 @@ def test_dpm_timesteps_are_even_in_log_snr():
     # Even, except near t = 0 where lambda moves fast and t must be a whole number.
     assert (steps_in_lambda[:-2] - steps_in_lambda.median()).abs().max() < 0.1 * steps_in_lambda.median()
     assert D.dpm_timesteps(s.alphas_bar, 1) == [999] and D.dpm_timesteps(s.alphas_bar, 2) == [999, 0]
-    tiny = D.dpm_timesteps(D.make_schedule("cosine", 20).alphas_bar, 20)
-    assert tiny[0] == 19 and tiny[-1] == 0 and len(set(tiny)) == len(tiny) <= 20
+    # Exactly as many distinct steps as asked for, even where several lambdas
+    # round to the same t, for any schedule and T.
+    for name, T in (("cosine", 1000), ("linear", 1000), ("cosine", 20), ("linear", 7)):
+        alphas_bar = D.make_schedule(name, T).alphas_bar
+        for steps in [n for n in (3, 10, 50, T // 2, T) if n <= T]:
+            ts = D.dpm_timesteps(alphas_bar, steps)
+            assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0, (name, T, steps)
+            assert all(a > b for a, b in zip(ts, ts[1:])), (name, T, steps)
+    # The jump past the last 1% is for the cosine schedule's stretch of pure
+    # noise; the linear schedule has none and starts its even spacing at T-1.
+    assert D.dpm_timesteps(D.make_schedule("linear", 1000).alphas_bar, 20)[1] < 960
 
 
 class ExactGaussianEps(torch.nn.Module):
@@ -431,6 +441,21 @@ def test_dpm_solver_follows_the_ode_better_than_ddim():
         err[steps] = ((dpm - exact).abs().max().item(), (ddim - exact).abs().max().item())
         assert err[steps][0] < 0.5 * err[steps][1], err
     assert err[20][0] < err[6][0] and err[20][0] < 0.05, err
+
+
+@pytest.mark.parametrize("given,guided,sampler,eta", [
+    ((None, None), True, "dpm++", 0.0),      # a digit: DPM-Solver++
+    ((None, None), False, "ddim", 1.0),      # any digit: DDIM with fresh noise
+    ((None, 0.0), False, "ddim", 0.0),       # --eta alone picks DDIM
+    ((None, 0.5), True, "ddim", 0.5),
+    (("ddim", None), True, "ddim", 0.0),     # deterministic DDIM for a digit
+    (("ddim", None), False, "ddim", 1.0),
+    (("ddpm", None), False, "ddpm", 1.0),
+])
+def test_sampler_defaults(given, guided, sampler, eta):
+    args = argparse.Namespace(sampler=given[0], eta=given[1])
+    D.resolve_sampler(args, guided)
+    assert (args.sampler, args.eta) == (sampler, eta)
 
 
 def test_dpm_solver_first_step_is_ddim():
@@ -570,6 +595,7 @@ def test_a_checkpoint_cannot_run_code(tmp_path, capsys):
     (["--eta", 2], ["eta"]),
     (["--sampler", "euler"], ["invalid choice"]),
     (["--sampler", "dpm++", "--eta", 1], ["eta", "ddim"]),
+    (["--sampler", "ddpm", "--steps", 5], ["steps", "all t"]),
 ])
 def test_sample_bad_arguments(args, words, trained, tmp_path, capsys):
     code, _, err = run(["sample", "--ckpt", trained, "--out", tmp_path / "x.png", *args], capsys)
