@@ -563,6 +563,9 @@ def diffusion_loss(model, x0, y, sched, gen, device):
     B = x0.shape[0]
     t = torch.randint(0, sched.T, (B,), generator=gen)            # t in {0, ..., T-1}
     eps = torch.randn(x0.shape, generator=gen)
+    # Label dropout: a random 20% of the batch is shown "no label", which
+    # trains the unconditional model p(x) in the same network and the same
+    # step as the conditional p(x | y); guidance needs both (section 5).
     drop = torch.rand(B, generator=gen) < P_UNCOND
     y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
     t, eps, y = t.to(device), eps.to(device), y.to(device)
@@ -580,6 +583,9 @@ def min_snr_weights(alphas_bar, t, gamma=MIN_SNR_GAMMA):
 
 @torch.no_grad()
 def ema_update(ema, model, step):
+    # The decay ramps up from 0.1: early on the average follows the weights
+    # closely, instead of being anchored for thousands of steps to the random
+    # initial weights it started from.
     decay = min(EMA_DECAY, (1 + step) / (10 + step))
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.lerp_(p, 1 - decay)
@@ -587,6 +593,9 @@ def ema_update(ema, model, step):
 
 def lr_lambda(total_steps):
     """Linear warm-up over the first 5% of steps, then cosine decay to zero."""
+    # Warm-up: in the first steps Adam's running estimates of the gradient
+    # scale rest on a handful of batches, so full-size steps would be erratic.
+    # Decay to zero: the last steps refine rather than jump around.
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
 
     def factor(step):
