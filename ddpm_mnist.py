@@ -343,16 +343,15 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out, emb_dim, groups=8):
         super().__init__()
+        # GroupNorm, not BatchNorm: it normalises each image on its own, so a
+        # sample does not depend on what else is in its batch, and training
+        # batches of 32 and sampling batches of any size behave alike.
         self.norm1 = nn.GroupNorm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * c_out)
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    # GroupNorm, not BatchNorm: it normalises each image on its own, so a
-    # sample does not depend on what else is in its batch, and training
-    # batches of 32 and sampling batches of any size behave alike.
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -420,9 +419,9 @@ class UNet(nn.Module):
 
     def __init__(self, channels=(32, 64, 128), blocks=1):
         super().__init__()
-        c0, levels = channels[0], len(channels)
         # Each level halves the resolution and widens the features, as in Ho
         # et al.: coarser maps need more channels to describe what is where.
+        c0, levels = channels[0], len(channels)
         emb_dim = 4 * c0       # the conditioning vector's width, 4x the first level's, as in Ho et al.
         self.c0 = c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

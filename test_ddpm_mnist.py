@@ -418,7 +418,6 @@ class ExactGaussianEps(torch.nn.Module):
     def __init__(self, alphas_bar, s):
         super().__init__()
         self.ab, self.s = alphas_bar.double(), s
-        self.unused = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x, t, y):
         ab = self.ab[t].view(-1, 1, 1, 1)
