@@ -1061,6 +1061,10 @@ def parse_prompt(text):
 # -----------------------------------------------------------------------------
 
 def to_uint8(x):
+    # Clamp first: samples can overshoot [-1, 1] a little (with --no-clip, a
+    # lot), and casting an out-of-range value to uint8 wraps around (256
+    # becomes 0, a black pixel in a white stroke). Round rather than
+    # truncate, which would darken every pixel by half a level on average.
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -1068,6 +1072,8 @@ def grid_image(x, nrow, pad=2):
     """[N, 1, H, W] in [-1, 1] -> a PIL grayscale grid with `nrow` images per row."""
     from PIL import Image
     from torchvision.utils import make_grid
+    # White gutters: MNIST digits are white on black, so a black gutter would
+    # merge neighbouring tiles into one dark field.
     grid = make_grid(to_uint8(x.cpu()), nrow=nrow, padding=pad, pad_value=255)
     return Image.fromarray(grid[0].numpy(), mode="L")
 
@@ -1093,7 +1099,12 @@ def save_each(x, out_dir):
 
 
 def epoch_grid(ema, sched, cfg, device, precision, path):
-    """The picture written after every epoch: a row per digit (or one digit)."""
+    """The picture written after every epoch: a row per digit (or one digit).
+
+    Seed 0 every time: each epoch's picture starts from the same noise, so
+    side by side they show what training changed, not which noise was drawn.
+    It uses the sampler and guidance of `sample --digit`, the pictures a user
+    will get from these weights."""
     if cfg["digit"] is not None:
         labels = torch.full((60,), cfg["digit"])
     else:
@@ -1154,7 +1165,12 @@ def trajectory_picture(frames, rows=8, columns=10):
 
 
 def save_gif(frames, path, nrow, count=60, ms=80, hold_ms=2000):
-    """An animation of the reverse process that rests on the final grid."""
+    """An animation of the reverse process that rests on the final grid.
+
+    At most `count` frames, evenly picked: all 1000 frames of DDPM would make
+    a file of megabytes whose early frames all look like noise. GIF frames
+    hold a palette of 256 colours ("P"); 8-bit grayscale fits in it exactly,
+    so no shade is lost."""
     picks = torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long().tolist()
     images = [grid_image(frames[j], nrow).convert("P") for j in picks]
     path = Path(path)
