@@ -241,9 +241,10 @@ def test_min_snr_weights(name):
     t = torch.arange(1000)
     w = D.min_snr_weights(s.alphas_bar, t)
     snr = s.alphas_bar / (1 - s.alphas_bar)
-    assert torch.allclose(w, snr.clamp(max=5) / (snr + 1))
-    assert w[0] < 1e-2 and w[-1] < 1e-3                          # nearly clean and pure noise: damped
-    assert torch.all((w <= 5 / 6 + 1e-6) & (w >= 0))             # the peak is at SNR 5
+    assert torch.all(w[snr <= 5] == 1)                           # noisy steps keep their full weight
+    assert torch.all(w[snr > 5] < 1) and w[0] < 1e-2             # nearly clean ones are damped
+    assert torch.all(w[1:] >= w[:-1])                            # monotone in t
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5])
 
 
 def test_lr_warms_up_then_decays_to_zero():
@@ -261,7 +262,7 @@ def test_train_writes_checkpoint_and_grid(trained):
 
 def test_checkpoint_round_trip_reproduces_outputs(tmp_path):
     m = tiny_model()
-    cfg = dict(prediction="v", channels=[8, 16], blocks=1, image_size=28, schedule="cosine", timesteps=50)
+    cfg = dict(channels=[8, 16], blocks=1, image_size=28, schedule="cosine", timesteps=50)
     path = tmp_path / "r.pt"
     D.atomic_save(dict(format="ddpm_mnist", config=cfg, ema=m.state_dict()), path)
     back = D.model_from_checkpoint(D.load_checkpoint(path), path).eval()
@@ -412,8 +413,7 @@ def test_dpm_timesteps_are_even_in_log_snr():
 
 
 class ExactGaussianEps(torch.nn.Module):
-    """The exact v_theta when the data is N(0, s^2 I):
-    E[v | x_t] = sqrt(ab (1 - ab)) (1 - s^2) x_t / (ab s^2 + 1 - ab)."""
+    """The exact eps_theta when the data is N(0, s^2 I): E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab)."""
 
     def __init__(self, alphas_bar, s):
         super().__init__()
@@ -421,7 +421,7 @@ class ExactGaussianEps(torch.nn.Module):
 
     def forward(self, x, t, y):
         ab = self.ab[t].view(-1, 1, 1, 1)
-        return ((ab * (1 - ab)).sqrt() * (1 - self.s ** 2) * x / (ab * self.s ** 2 + 1 - ab)).float()
+        return ((1 - ab).sqrt() * x / (ab * self.s ** 2 + 1 - ab)).float()
 
 
 def test_dpm_solver_follows_the_ode_better_than_ddim():
@@ -471,9 +471,9 @@ def test_classifier_free_guidance_formula():
         def forward(self, x, t, y):   # eps(x, c) = 1, eps(x, none) = -1
             return torch.where((y == D.NULL_LABEL).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(x).clone()
     x = torch.zeros(2, 1, 3, 3)
-    eps = D.predict_v(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=2.0, precision="fp32")
+    eps = D.predict_eps(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=2.0, precision="fp32")
     assert torch.allclose(eps, torch.full_like(x, (1 + 2.0) * 1 - 2.0 * -1))
-    eps0 = D.predict_v(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=0.0, precision="fp32")
+    eps0 = D.predict_eps(TwoFaced(), x, 5, torch.tensor([3, 4]), guidance=0.0, precision="fp32")
     assert torch.equal(eps0, torch.ones_like(x))
 
 
@@ -567,13 +567,6 @@ def test_sample_bad_checkpoints(trained, tmp_path, capsys):
     assert_one_line_error(code, err, "do not fit")
 
     ckpt = torch.load(trained, weights_only=True)
-    del ckpt["config"]["prediction"]                    # written before v-prediction
-    old = tmp_path / "eps.pt"
-    torch.save(ckpt, old)
-    code, _, err = run(["sample", "--ckpt", old], capsys)
-    assert_one_line_error(code, err, "predicts eps")
-
-    ckpt = torch.load(trained, weights_only=True)
     ckpt["ema"]["out_conv.bias"][0] = float("nan")
     poisoned = tmp_path / "nan.pt"
     torch.save(ckpt, poisoned)
@@ -611,7 +604,7 @@ def test_sample_bad_arguments(args, words, trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["sample", "evaluate"])
 def test_nan_samples_are_reported_not_drawn(command, trained, mnist_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "predict_v", lambda model, x, *rest: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(D, "predict_eps", lambda model, x, *rest: torch.full_like(x, float("nan")))
     extra = ["--data-dir", mnist_dir, "--classifier", tmp_path / "clf.pt", "--n", 20] if command == "evaluate" else []
     code, _, err = run([command, "--ckpt", trained, "--steps", 2, "--out-dir", tmp_path / "each", *extra], capsys)
     assert_one_line_error(code, err, "nan")
