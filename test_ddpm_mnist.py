@@ -689,6 +689,16 @@ def test_fid_of_a_set_with_itself_is_zero():
     assert D.fid(x, x + 1) == pytest.approx(16, rel=1e-6)
 
 
+def test_same_digits_matches_the_requested_digits():
+    y_real = torch.arange(300) % 10                      # 30 of each digit
+    labels = torch.tensor([3, 3, 3, 7, 0, 9, 9])
+    idx = D.same_digits(y_real, labels, torch.Generator().manual_seed(0))
+    assert len(set(idx.tolist())) == len(idx)           # no image twice
+    assert sorted(y_real[idx].tolist()) == sorted(labels.tolist())
+    many = torch.full((40,), 5)                          # more fives than there are: all 30 of them
+    assert sorted(D.same_digits(y_real, many, torch.Generator()).tolist()) == list(range(5, 300, 10))
+
+
 def test_evaluate_runs_end_to_end(trained, mnist_dir, tmp_path, capsys):
     clf = tmp_path / "clf.pt"
     args = ["evaluate", "--ckpt", trained, "--data-dir", mnist_dir, "--classifier", clf, "--n", 20, "--steps", 2]
@@ -702,6 +712,7 @@ def test_evaluate_runs_end_to_end(trained, mnist_dir, tmp_path, capsys):
     code, out, _ = run([*args, "--conditional"], capsys)
     assert code == 0 and "training one" not in out            # the cached classifier is reused
     assert "accuracy per digit" in out and "accuracy overall" in out
+    assert "floor with the samples' digits (20 real training images)" in out
 
 
 def test_flops_per_image_do_not_depend_on_the_batch():
