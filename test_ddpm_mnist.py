@@ -709,6 +709,7 @@ def test_evaluate_runs_end_to_end(trained, mnist_dir, tmp_path, capsys):
         assert line in out
     fid_value = float(out.split("test images): ")[1].split()[0])
     assert fid_value >= 0
+    assert "floor with" not in out                             # unconditional: one floor, MNIST's own mix
     code, out, _ = run([*args, "--conditional"], capsys)
     assert code == 0 and "training one" not in out            # the cached classifier is reused
     assert "accuracy per digit" in out and "accuracy overall" in out
