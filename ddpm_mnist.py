@@ -26,6 +26,9 @@ Papers, cited by equation number throughout:
     Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
         Diffusion Probabilistic Models"
     Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
+    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of
+        Diffusion Models" (v-prediction)
+    Ronneberger et al. 2015, "U-Net"; Perez et al. 2018, "FiLM"
     Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule" (FID)
 """
 
@@ -146,12 +149,17 @@ def autocast(device, precision):
 # MNIST: 60,000 training images of handwritten digits, 28x28, grayscale, with
 # labels 0-9. A diffusion model adds Gaussian noise of unit variance, so the
 # images must live on a comparable scale, centred on zero: we map pixels from
-# [0, 255] to [-1, 1] (Ho et al. 2020, section 3.3). Getting this range wrong
-# (leaving images in [0, 1]) is the most common cause of washed-out samples.
+# [0, 255] to [-1, 1] (Ho et al. 2020, section 3.3),
 #
-# The whole training set is 47 MB as float32, so we decode it once into one
-# tensor and index random batches from it: no per-image decoding, no PIL, no
-# DataLoader workers competing with the training for a laptop's few cores.
+#     x_0 = 2 * pixel / 255 - 1.
+#
+# Getting this range wrong (leaving images in [0, 1]) is the most common
+# cause of washed-out samples.
+#
+# The whole training set is 188 MB as float32 (47 MB as the file's bytes), so
+# we decode it once into one tensor and index random batches from it: no
+# per-image decoding, no PIL, no DataLoader workers competing with the
+# training for a laptop's few cores.
 # -----------------------------------------------------------------------------
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -223,7 +231,9 @@ def load_mnist(data_dir, train=True, digit=None, limit=None, image_size=28):
 # Timesteps are 0-based everywhere in this file: t in {0, ..., T-1}, where
 # t = 0 is the first noising step (a little noise, beta_0) and t = T - 1 the
 # last. Training draws t from exactly that range and sampling walks it back
-# from T - 1 to 0; mixing 0- and 1-based conventions is a classic bug.
+# from T - 1 to 0; mixing 0- and 1-based conventions is a classic bug. So
+# the file's x_t is the paper's x_{t+1}, and the clean image x_0 sits at
+# "t = -1", where alpha_bar_{-1} = 1 (no noise at all).
 # -----------------------------------------------------------------------------
 
 def linear_betas(T):
@@ -302,10 +312,17 @@ def q_sample(x0, t, eps, alphas_bar):
 #   28x28 --down--> 14x14 --down--> 7x7 (+ self-attention) --up--> 14 --up--> 28
 #
 # with skip connections carrying detail from each resolution on the way down to
-# the same resolution on the way up. Each level is a few residual blocks
-# (GroupNorm, SiLU, 3x3 conv). The timestep enters every block as a learned
-# scale and shift of its features (FiLM, as in Dhariwal & Nichol), computed
-# from a sinusoidal embedding of t, like a Transformer's position encoding.
+# the same resolution on the way up. Each level is one residual block
+# (GroupNorm, SiLU, 3x3 conv; the class can stack more, this file uses one).
+# The timestep and the label enter every block as a learned scale s and
+# shift b of its normalised features,
+#
+#     h -> GroupNorm(h) * (1 + s(t, y)) + b(t, y)
+#
+# (FiLM, Perez et al. 2018; "adaptive GroupNorm" in Dhariwal & Nichol 2021).
+# t reaches them through a sinusoidal embedding, like a Transformer's
+# position encoding: sin(t f_k) and cos(t f_k) for k = 0 .. d/2 - 1, at
+# frequencies f_k = 10000^(-2k/d) for an embedding of width d.
 #
 # The label y has 11 embeddings: one per digit and one meaning "no label".
 # Training shows the model "no label" 20% of the time, so one network learns
@@ -331,15 +348,17 @@ def timestep_embedding(t, dim):
 
 def zero_init(module):
     # The last layer of each residual branch starts at zero, so every block
-    # starts as the identity and the untrained U-Net outputs 0: stable from
-    # step one (Ho et al.'s code does the same).
+    # starts as its skip path (the identity where the width does not change)
+    # and the untrained U-Net outputs 0: stable from step one (Ho et al.'s
+    # code does the same).
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(norm(conv(silu(norm(x))) * (1 + scale(t, y)) + shift(t, y))))."""
+    """skip(x) + conv(silu(norm(conv(silu(norm(x)))) * (1 + scale(t, y)) + shift(t, y))),
+    skip being the identity, or a 1x1 conv where the width changes."""
 
     def __init__(self, c_in, c_out, emb_dim, groups=8):
         super().__init__()
@@ -515,7 +534,9 @@ def count_params(model):
 # That is Algorithm 1 of the paper, and all of training. Around it:
 #   - each image's squared error is weighted by min(SNR_t, 5) / SNR_t, where
 #     SNR_t = alpha_bar_t / (1 - alpha_bar_t) is the signal-to-noise ratio of
-#     x_t (Min-SNR-5, Hang et al. 2023). Why: measured on the clean image,
+#     x_t (Min-SNR-5, Hang et al. 2023). Why: measured on the clean image
+#     x0_hat that eps_hat implies (x0_hat = (x_t - sqrt(1 - alpha_bar_t)
+#     eps_hat) / sqrt(alpha_bar_t), Ho et al. eq. 15, used again in section 5),
 #     ||eps - eps_hat||^2 = SNR_t ||x_0 - x0_hat||^2, so L_simple weights step t
 #     by SNR_t, and the nearly clean steps, where only invisible detail is
 #     left to fix, dominate the gradient. The weight caps that at 5. In our
@@ -524,9 +545,10 @@ def count_params(model):
 #     is scarce. Batch 32 makes four times the steps of batch 128 in the same
 #     time (on a CPU the images/s barely change) and beat it by far;
 #   - labels are replaced by "no label" with probability 0.2 (Ho & Salimans
-#     2022, Algorithm 1) so the same network also learns p(x). The paper's
-#     0.1 left our unconditional samples far worse than the conditional ones;
-#     0.2 cut their FID by a third and improved the guided samples too;
+#     2022, Algorithm 1) so the same network also learns p(x). The paper
+#     found 0.1 and 0.2 both good; 0.1 left our unconditional samples far
+#     worse than the conditional ones; 0.2 cut their FID by a third and
+#     improved the guided samples too;
 #     0.3 helped the unconditional samples again but dropped the guided ones
 #     under 99% right (README, "The training recipe");
 #   - the network predicts eps, as in the paper. Predicting the equivalent
@@ -808,8 +830,9 @@ def format_seconds(s):
 # plus noise of variance beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
 # except at the last step. Without the clip this is exactly the paper's line
 # x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma z
-# (--no-clip); with it, early steps, where x0_hat is a wild guess, cannot
-# push pixels out of range, which removes the speckled, washed-out look.
+# (eq. 11 and Algorithm 2; --no-clip); with it, early steps, where x0_hat is
+# a wild guess, cannot push pixels out of range, which removes the speckled,
+# washed-out look.
 #
 # DDIM (Song et al. 2021, eq. 12) uses the same trained network but a
 # non-Markovian process that can skip steps: on a subsequence of S timesteps,
@@ -829,14 +852,23 @@ def format_seconds(s):
 #     lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)),   h = lambda_{t'} - lambda_t,
 #
 # the exact solution from t to t' is a known linear part plus an integral of
-# the network's clean-image estimate over lambda. Holding x0_hat fixed over
-# the step gives exactly the DDIM step above,
+# the network's clean-image estimate over lambda (sigma_t = sqrt(1 - alpha_bar_t)):
+#
+#     x_{t'} = sigma_{t'} / sigma_t x_t + sigma_{t'} Integral e^lambda x0_hat(lambda) dlambda,
+#
+# the integral running from lambda_t to lambda_{t'}.
+#
+# Holding x0_hat fixed over the step, the integral is x0_hat (e^{lambda_{t'}} -
+# e^{lambda_t}), and since sigma_{t'} e^{lambda_{t'}} = sqrt(alpha_bar_{t'}),
 #
 #     x_{t'} = sqrt((1 - alpha_bar_{t'}) / (1 - alpha_bar_t)) x_t
-#            - sqrt(alpha_bar_{t'}) (e^{-h} - 1) x0_hat_t;
+#            - sqrt(alpha_bar_{t'}) (e^{-h} - 1) x0_hat_t,
 #
-# the "2M" solver instead draws a straight line through this step's and the
-# previous step's x0_hat (r = h_prev / h) and integrates that,
+# which is exactly the DDIM step above with eta = 0 (write its eps_theta in
+# terms of x_t and x0_hat to see it). The "2M" solver instead draws a straight
+# line through this step's and the previous step's x0_hat, h_prev being the
+# previous step's h and r = h_prev / h, and integrates that: the same update
+# with x0_hat_t replaced by
 #
 #     D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,
 #
@@ -896,8 +928,9 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
             mean = s.posterior_coef_x0[t] * x0_hat + s.posterior_coef_xt[t] * x
         else:
             mean = (x - s.betas[t] / (1 - s.alphas_bar[t]).sqrt() * eps) / s.alphas[t].sqrt()
-        # sigma_t^2 = beta~_t (Ho et al. tried beta_t too; both work). At t = 0
-        # we return the mean: adding noise to the final image would only blur it.
+        # sigma_t^2 = beta~_t (Ho et al. tried beta_t too; both work). At t = 0,
+        # beta~_0 = 0 (alpha_bar_{-1} = 1): the step to the clean image adds no
+        # noise, so we return the mean and draw none.
         x = mean + s.posterior_variance[t].sqrt() * randn_like_on(x, gen) if t > 0 else mean
         if callback:
             callback(x)
