@@ -588,8 +588,8 @@ def diffusion_loss(model, x0, y, sched, gen, device):
     # trains the unconditional model p(x) in the same network and the same
     # step as the conditional p(x | y); guidance needs both (section 5).
     drop = torch.rand(B, generator=gen) < P_UNCOND
+    t, eps, drop = t.to(device), eps.to(device), drop.to(device)
     y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
-    t, eps, y = t.to(device), eps.to(device), y.to(device)
     x_t = q_sample(x0, t, eps, sched.alphas_bar)
     error = (model(x_t, t, y).float() - eps).square().mean(dim=(1, 2, 3))   # one per image
     return (min_snr_weights(sched.alphas_bar, t) * error).mean()
@@ -1262,7 +1262,7 @@ def classify(clf, x, batch_size=1000):
     """Features [N, 128] (float64) and predicted digits [N]."""
     clf.eval()
     dev = next(clf.parameters()).device
-    feats = [clf.features(x[i:i + batch_size].to(dev)).double().cpu() for i in range(0, len(x), batch_size)]
+    feats = [clf.features(x[i:i + batch_size].to(dev)).cpu().double() for i in range(0, len(x), batch_size)]
     feats = torch.cat(feats)
     return feats, clf.head(feats.float().to(dev)).argmax(1).cpu()
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_mnist as D
 
 HERE = Path(__file__).resolve().parent
+META = torch.device("meta")
 TINY = ["--channels", "8,16", "--timesteps", "20", "--batch-size", "64"]
 
 
@@ -736,3 +738,50 @@ def test_bench_reports_speed_and_share_of_peak(capsys):
     assert "GFLOP per training image" in out
     code, _, err = run(["bench", "--steps", 0], capsys)
     assert_one_line_error(code, err, "--steps")
+
+
+# --- devices ---------------------------------------------------------------
+
+
+
+class MetaDevice(TorchDispatchMode):
+    """The meta device as a stand-in GPU. Meta raises wherever a CPU tensor
+    meets a meta one, as CUDA and MPS do; this mode adds what a GPU also does:
+    copies back to the CPU and .item() work (they give zeros), and it records
+    every float64 tensor made on the device (MPS has none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.float64 = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if src is not None and src.device.type == "meta":
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return True if src.dtype == torch.bool else 0
+            if func is torch.ops.aten._to_copy.default and kwargs.get("device", META).type == "cpu":
+                return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype)
+        out = func(*args, **kwargs)
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor) and o.device.type == "meta" and o.dtype == torch.float64:
+                self.float64.append(func)
+        return out
+
+
+def test_training_sampling_and_evaluation_on_a_device():
+    with MetaDevice() as mode:
+        s = D.make_schedule("cosine", 20)
+        model = tiny_model().to(META).train()
+        ema = tiny_model().to(META)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        lr = torch.optim.lr_scheduler.LambdaLR(opt, D.lr_lambda(10))
+        x0, y = torch.zeros(4, 1, 28, 28, device=META), torch.tensor([1, 2, 3, 4], device=META)
+        D.train_step(model, ema, opt, lr, x0, y, s, torch.Generator().manual_seed(0), META, "fp32", 0)
+        x_T = torch.zeros(4, 1, 28, 28, device=META)
+        gen = torch.Generator().manual_seed(0)
+        D.ddpm_sample(ema.eval(), s, x_T, y, guidance=0.5, gen=gen)
+        D.ddim_sample(ema, s, x_T, y, 5, eta=1.0, guidance=0.5, gen=gen)
+        D.dpm_solver_sample(ema, s, x_T, y, 5, guidance=0.5)
+        D.classify(D.Classifier().to(META), x_T)
+    assert not mode.float64, mode.float64
