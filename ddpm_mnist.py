@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# Defaults: the knobs of `train` and `sample`, set here and nowhere else.
+# Defaults: the knobs of a training run and of sampling, set here only.
 TRAIN = dict(
     channels=[32, 64, 128],  # U-Net widths, one per resolution: 28, 14, 7 pixels
     schedule="cosine",       # how fast the noise grows: cosine or linear (section 2)
@@ -71,7 +71,7 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
             ds = datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:
         raise UserError(f"MNIST could not be read from {Path(data_dir) / 'MNIST' / 'raw'} nor downloaded "
-                        f"({str(e).strip().splitlines()[-1]}); put the four *-ubyte files there") from None
+                        f"({(str(e).strip().splitlines() or [type(e).__name__])[-1]}); put the four *-ubyte files there") from None
     x, y = ds.data, ds.targets                 # uint8 [N, 28, 28], int64 [N]
     if digit is not None:
         x, y = x[y == digit], y[y == digit]
@@ -99,12 +99,12 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
 # How fast it falls is the schedule. Linear: beta_t from 1e-4 to 0.02 (Ho et
 # al. section 4), which on small images leaves the last third of the steps
 # almost pure noise, teaching little. Cosine (Nichol & Dhariwal 2021, eq. 17):
-# alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + 0.008) / 1.008 * pi/2), betas
-# clipped at 0.999: slow at both ends, linear in between.
+# alpha_bar = f(t) / f(0) after t steps, f(t) = cos^2((t/T + 0.008) / 1.008 * pi/2),
+# betas clipped at 0.999: slow at both ends, linear in between.
 #
 # Timesteps are 0-based: t in {0, ..., T-1}, in training and in sampling
 # alike; mixing 0- and 1-based is a classic bug. So the file's x_t is the
-# paper's x_{t+1}, and the clean x_0 sits at "t = -1", where alpha_bar = 1.
+# paper's x_{t+1} (noised t + 1 times), and the clean x_0 sits at "t = -1".
 
 class Schedule(NamedTuple):
     """Every per-timestep constant the equations use, indexed by t = 0..T-1."""
@@ -118,11 +118,13 @@ class Schedule(NamedTuple):
         return len(self.betas)
 
 def make_schedule(name, T):
-    if name == "linear":   # scaled by 1000/T, so any T adds as much noise as T = 1000 (as Nichol & Dhariwal do)
+    if name == "linear":     # scaled by 1000/T: any T adds as much noise as T = 1000 (as Nichol & Dhariwal do)
         betas = torch.linspace(0.1 / T, 20 / T, T, dtype=torch.float64)
-    else:                  # alpha_bar_t = f(t) / f(0), so beta_t = 1 - f(t + 1) / f(t)
+    elif name == "cosine":   # 0-based: alpha_bar_t = f(t + 1) / f(0), so beta_t = 1 - f(t + 1) / f(t)
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = 1 - f[1:] / f[:-1]
+    else:
+        raise UserError(f"unknown schedule {name!r}: use cosine or linear")
     betas = betas.clamp(max=0.999)
     alphas = 1 - betas                                                 # alpha_t = 1 - beta_t
     alphas_bar = torch.cumprod(alphas, dim=0)                          # alpha_bar_t = prod_{s <= t} alpha_s
@@ -147,11 +149,10 @@ def q_sample(x0, t, eps, alphas_bar):
 #
 #   28x28 --down--> 14x14 --down--> 7x7 (+ self-attention) --up--> 14 --up--> 28,
 #
-# one residual block per level, with skip connections carrying each
-# resolution's detail from the way down to the way up. t (as a sinusoidal
-# embedding, like a Transformer's positions) and y enter every block as a
-# scale s and shift b of its normalised features (FiLM, Perez et al. 2018;
-# Dhariwal & Nichol 2021): h -> GroupNorm(h) * (1 + s(t, y)) + b(t, y).
+# one residual block per level, skip connections carrying each resolution's
+# detail from the way down to the way up. t (a sinusoidal embedding, like a
+# Transformer's positions) and y enter every block as a scale s and shift b
+# (FiLM, Perez et al. 2018): h -> GroupNorm(h) * (1 + s(t, y)) + b(t, y).
 #
 # y has 11 embeddings: one per digit and one for "no label". Training shows
 # "no label" 20% of the time, so one network learns both p(x | y) and p(x),
@@ -199,7 +200,7 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the pixels of the 7x7 map, residual: any
     pixel with any other, so far-apart strokes are related in one layer. Its
-    cost grows with the square of the pixel count, hence only at 7x7."""
+    cost grows with the square of the pixel count: hence only at the lowest resolution."""
 
     def __init__(self, channels, heads=4):
         super().__init__()
@@ -277,11 +278,9 @@ class UNet(nn.Module):
 # weights jitter from batch to batch, and the average smooths that out.
 #
 # Every random draw (data order, t, eps, label dropout) comes from one CPU
-# generator, saved in each checkpoint: a resumed run continues exactly as if
-# it had never stopped, and a seed means the same run on any device. The
-# network runs under bfloat16 autocast where the hardware has bf16 units
-# (several times faster; training is robust to it); the loss, the schedule
-# and the samplers stay in float32.
+# generator, saved in each checkpoint: a resumed run goes on exactly as if it
+# had never stopped. The network runs under bfloat16 autocast where the
+# hardware has bf16 units; the loss, schedule and samplers stay in float32.
 
 P_UNCOND = 0.2
 MIN_SNR_GAMMA = 5.0
@@ -293,8 +292,6 @@ def pick_device(name):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name != "cpu" and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
         raise UserError(f"--device {name}: PyTorch sees no such device here")   # never silently the CPU
-    if name == "cuda":   # fp32 products on the tensor cores (TF32): ample next to bf16
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 def pick_precision(name, device):
@@ -304,7 +301,8 @@ def pick_precision(name, device):
     if name != "auto":
         return name, "--precision"
     if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] >= 8:
+        if torch.cuda.get_device_capability(device)[0] >= 8:   # and what stays fp32 may use TF32 too
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             return "bf16", "auto: the GPU has bf16 tensor cores"
         return "fp32", "auto: the GPU predates bf16 tensor cores"
     has = lambda check: getattr(torch.cpu, check, lambda: False)()   # private in torch.cpu: fp32 if they move
@@ -318,7 +316,8 @@ def autocast(device, precision):
 def diffusion_loss(model, x0, y, sched, gen):
     """L_simple on one batch (Algorithm 1), each image's error weighted by
     min(SNR_t, 5) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-5,
-    Hang et al. 2023, eq. 6). Why: with x0_hat from eq. 15, ||eps - eps_hat||^2
+    Hang et al. 2023). Why: with x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab),
+    the clean image the estimate implies (eq. 15), ||eps - eps_hat||^2
     = SNR_t ||x_0 - x0_hat||^2, so L_simple weights step t by SNR_t, and the
     nearly clean steps, where only invisible detail is left, dominate."""
     B, device = len(x0), x0.device
@@ -329,8 +328,9 @@ def diffusion_loss(model, x0, y, sched, gen):
     y = torch.where(drop, NULL_LABEL, y)                          # 20% "no label": p(x) learnt too
     x_t = q_sample(x0, t, eps, sched.alphas_bar)                  # eq. 4
     error = (model(x_t, t, y).float() - eps).square().mean(dim=(1, 2, 3))   # ||eps - eps_theta||^2 per image
-    ab = sched.alphas_bar.to(device)[t]                           # written as 5 / max(SNR_t, 5) below:
-    return (MIN_SNR_GAMMA / (ab / (1 - ab)).clamp(min=MIN_SNR_GAMMA) * error).mean()   # 1, not 0/0, where ab = 0
+    ab = sched.alphas_bar.to(device)[t]
+    weight = MIN_SNR_GAMMA / (ab / (1 - ab)).clamp(min=MIN_SNR_GAMMA)   # = min(SNR_t, 5) / SNR_t, 1 (not 0/0) at ab = 0
+    return (weight * error).mean()
 
 def train_step(model, ema, opt, lr_sched, x0, y, sched, gen, precision, step):
     """One optimisation step; returns the loss, left on the device: reading it
@@ -353,15 +353,15 @@ def atomic_save(obj, path):
     that dies halfway leaves the previous file intact. The temporary name is
     unique, so two processes never write into the same one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 def load_checkpoint(path):
@@ -409,8 +409,8 @@ def train(args):
             raise UserError(f"{ckpt_path} exists: continue it with --resume, or give another --ckpt")
         cfg = {**TRAIN, **given}
         UNet(cfg["channels"])                            # checks the widths, before the data is loaded
-        if cfg["schedule"] not in ("cosine", "linear") or cfg["timesteps"] < 2 or cfg["batch_size"] < 1 \
-                or (cfg["epochs"] or 1) < 1 or (cfg["limit"] or 1) < 1 or cfg["digit"] not in (None, *range(10)):
+        if cfg["schedule"] not in ("cosine", "linear") or cfg["timesteps"] < 2 or cfg["digit"] not in (None, *range(10)) \
+                or any(cfg[k] is not None and cfg[k] < 1 for k in ("epochs", "batch_size", "limit")):
             raise UserError("use --schedule cosine or linear, --timesteps of at least 2, --digit 0 to 9, "
                             "and --epochs, --batch-size and --limit of at least 1")
         if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
@@ -427,7 +427,7 @@ def train(args):
     torch.manual_seed(cfg["seed"])                       # the initial weights
     model = UNet(cfg["channels"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)   # no decay: Adam, in effect
     steps_per_epoch = math.ceil(len(x_all) / cfg["batch_size"])
     total_steps = cfg["epochs"] * steps_per_epoch
     # Linear warm-up over 5% of the steps (Adam's first estimates rest on a few
@@ -464,19 +464,21 @@ def train(args):
                     raise UserError(f"the loss became {losses[first].item()} at step {step - len(losses) + first + 1}; "
                                     f"try a lower --lr (the last good checkpoint is {ckpt_path})")
                 last_print, rate = time.time() - t_start, images / (time.time() - t_start)
-                print(f"epoch {epoch + 1}/{cfg['epochs']}  step {step}/{total_steps}  loss {losses[-1].item():.4f}  "
+                print(f"epoch {epoch + 1}/{cfg['epochs']}  step {step}/{total_steps}  loss {losses.mean().item():.4f}  "
                       f"lr {lr_sched.get_last_lr()[0]:.2e}  {rate:.0f} img/s  "
                       f"left {(total_steps - step) * cfg['batch_size'] / rate / 60:.1f} min", flush=True)
                 losses = []
-        # Each epoch saves what a resume needs; the last, only what sampling
-        # needs: the EMA weights in fp16, a quarter of the size.
+        # Every epoch (every tenth of a run of more than 10) saves what a resume
+        # needs and draws a grid as `sample` does, from the same noise each time;
+        # the last keeps only what sampling needs: EMA weights in fp16, 1/8 the size.
+        if (epoch + 1) % math.ceil(cfg["epochs"] / 10) and epoch + 1 < cfg["epochs"]:
+            continue
         if epoch + 1 < cfg["epochs"]:
             state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                          lr_scheduler=lr_sched.state_dict(), rng=gen.get_state(), epoch=epoch + 1)
         else:
             state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
         atomic_save(dict(format="ddpm_mnist", config=cfg, step=step, **state), ckpt_path)
-        # A grid per epoch, drawn as `sample` draws, from the same noise each time.
         x = generate(ema.eval(), sched, random_labels(64, cfg, 0), choose_sampler(True, sched.T), precision=precision)
         grid_path = ckpt_path.with_name(f"{ckpt_path.stem}_epoch{epoch + 1:02d}.png")
         grid_image(x, nrow=8).save(grid_path)
@@ -501,7 +503,7 @@ def train(args):
 # replaced by the noise the clipped x0_hat implies. Early on x0_hat is a wild
 # guess; unclipped, it leaves a speckled, washed-out look (--no-clip). Noise
 # is drawn on the CPU from a seeded generator, then moved: a seed gives the
-# same samples on any device, up to floating point.
+# same samples on any device for a given batch size, up to floating point.
 
 def predict_eps(model, x_t, t, y, guidance, precision):
     """eps_theta(x_t, t, y), with classifier-free guidance of weight w = guidance
@@ -524,8 +526,8 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
     """Ho et al. Algorithm 2, over all T steps t = T-1 down to 0."""
     s = Schedule(*(v.to(x_T.device) for v in sched))
     x = x_T                                                       # 1: x_T ~ N(0, I)
-    for t in reversed(range(s.T)):                                # 2: for t = T, ..., 1
-        z = torch.randn(x.shape, generator=gen).to(x.device) if t > 0 else 0   # 3: z ~ N(0, I) if t > 1, else 0
+    for t in reversed(range(s.T)):                                # 2: for t = T, ..., 1 (here T-1, ..., 0)
+        z = torch.randn(x.shape, generator=gen).to(x.device) if t > 0 else 0   # 3: z ~ N(0, I) but at the end
         eps = predict_eps(model, x, t, y, guidance, precision)
         if clip:                                                  #    (x0_hat kept in [-1, 1])
             _, eps = clip_x0(x, eps, s.alphas_bar[t])
@@ -539,14 +541,15 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
 # -----------------------------------------------------------------------------
 # 6. Faster sampling, guidance, and which digit to draw
 #
-# DDIM (Song et al. 2021, eq. 12) reuses the trained network with a process
-# that can skip steps: on S evenly spaced timesteps, t' the next one down,
+# DDIM (Song et al. 2021, eq. 12, whose alpha is our alpha_bar) reuses the
+# trained network with a process that can skip steps: on S evenly spaced
+# timesteps, t' the next one down,
 #
 #     x_{t'} = sqrt(alpha_bar_{t'}) x0_hat + sqrt(1 - alpha_bar_{t'} - sigma^2) eps_theta + sigma z,
 #     sigma  = eta sqrt((1 - alpha_bar_{t'}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t'}).
 #
-# eta = 0 is deterministic, so 20 steps do what DDPM needs 1000 for; eta = 1
-# with all T steps is DDPM, step for step.
+# eta = 0 is deterministic, and in practice 20 steps come close to DDPM's
+# 1000 (Song et al. section 5); eta = 1 with all T steps is DDPM exactly.
 #
 # Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
 # the label and with "no label", and extrapolates away from the latter:
@@ -554,9 +557,10 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
 #     eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, none).
 #
 # A larger w gives more typical, more clearly-that-digit samples, at some cost
-# in variety. And with no digit asked for: p(x) = sum_y p(y) p(x | y), so draw
-# y from MNIST's digit frequencies, then a guided sample of it (as guided-
-# diffusion and EDM sample class-conditional models). The network's own
+# in variety. With no digit asked for: p(x) = sum_y p(y) p(x | y), so draw y
+# from MNIST's digit frequencies, then a sample of it, sharpened by guidance
+# (as Dhariwal & Nichol 2021 and Karras et al. 2022 sample class-conditional
+# models). The network's own
 # unconditional model saw a fifth of the training and draws worse digits;
 # --uncond shows it, with DDIM at eta = 1, whose fresh noise fixes some flaws.
 
@@ -684,9 +688,8 @@ def save_gif(frames, path, nrow, count=60, ms=80, hold_ms=2000):
 # trained on MNIST (Inception's need a download, and see digits as blobs),
 # so they are NOT comparable with FIDs in papers; compare them with each
 # other and with the "floor", as many real training images scored the same
-# way (FID is biased upwards for small n). Samples of given digits are held
-# against real images of the same digits; the classifier also tells which
-# digit each sample looks like.
+# way (FID is biased upwards for small n), real images of the same digits
+# where the samples have labels. The classifier also tells each sample's digit.
 
 class Classifier(nn.Module):
     def __init__(self):
@@ -765,7 +768,7 @@ def same_digits(y_real, labels, gen):
 
 # -----------------------------------------------------------------------------
 # 9. The command line. Every user mistake (a missing file, a digit that is not
-# a digit, an output that cannot be written) is one line and exit status 1,
+# a digit, an output that cannot be written) is one line and a failing exit,
 # never a traceback, and is found before the work starts, not after it.
 
 def check_out(path, flag, image=False):
@@ -773,7 +776,6 @@ def check_out(path, flag, image=False):
     if path is None:
         return None
     path = Path(path)
-    Image.init()
     if image and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
         raise UserError(f"{flag} {path}: not a kind of image that can be written; use .png")
     if path.is_dir() or any(p.is_file() for p in path.parents):
@@ -808,7 +810,7 @@ def load_model(args, labelled):
     return model.to(device).eval(), sched, ckpt["config"], sampler, precision
 
 def cmd_sample(args):
-    if args.n < 1 or (args.per_class or 1) < 1:
+    if args.n < 1 or (args.per_class is not None and args.per_class < 1):
         raise UserError("--n and --per-class must be at least 1")
     digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
     out = Path(args.out or ("samples/prompt_{digit}.png" if args.interactive else "sample.png"))
@@ -816,7 +818,7 @@ def cmd_sample(args):
         out = out.with_name(out.stem + "_{digit}" + out.suffix)
     if args.gif and not args.gif.lower().endswith(".gif"):
         raise UserError(f"--gif {args.gif}: the file name must end in .gif")
-    for path, flag in ((str(out).format(digit=0), "--out"), (args.trajectory, "--trajectory"), (args.gif, "--gif"),
+    for path, flag in ((str(out).replace("{digit}", "0"), "--out"), (args.trajectory, "--trajectory"), (args.gif, "--gif"),
                        (args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir")):
         check_out(path, flag, image=True)
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
@@ -850,17 +852,15 @@ def cmd_sample(args):
         print(f"wrote {args.gif}")
 
 def interactive(model, sched, sampler, pattern, n, run):
-    """One prompt per line from stdin -> one grid per prompt; an empty line or
-    the end of input stops. The model is loaded once, so each prompt costs
-    only the sampling; a bad word is reported and skipped."""
+    """A grid per line of stdin until an empty line: the model is loaded once, so
+    each prompt costs only the sampling; a bad word is reported and skipped."""
     while True:
         if sys.stdin.isatty():
             print("prompt (a digit or a number word; empty line to quit)> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
+        if not (line := sys.stdin.readline()).strip():
             break
         try:
-            path = pattern.format(digit=(digit := parse_prompt(line)))
+            path = pattern.replace("{digit}", str(digit := parse_prompt(line)))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -915,9 +915,9 @@ def cmd_evaluate(args):
     print(f"floor (FID of {len(real)} real training images{'' if args.uncond else ' of the same digits'}): "
           f"{floor:.3f}   ratio {score / max(floor, 1e-12):.2f}x")
     if not args.uncond:
-        per = [(pred[labels == d] == d).float().mean().item() for d in range(NUM_CLASSES)]
+        per = {d: (pred[labels == d] == d).float().mean().item() for d in range(NUM_CLASSES) if (labels == d).any()}
         print(f"accuracy: {100 * (pred == labels).float().mean().item():.2f}%, per digit "
-              + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in enumerate(per)))
+              + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in per.items()))
     counts = torch.bincount(pred, minlength=NUM_CLASSES).tolist()
     print("class histogram: " + "  ".join(f"{d}:{100 * c / args.n:.1f}%" for d, c in enumerate(counts)))
     if args.out_dir:
@@ -927,19 +927,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):   # one line, without the usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-def channels_arg(text):
-    try:   # "32,64,128" -> [32, 64, 128]
-        return [int(c) for c in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected widths like 32,64,128, got {text!r}") from None
+def widths(text):   # "32,64,128" -> [32, 64, 128]; argparse reports a ValueError in one line
+    return [int(c) for c in text.split(",")]
 
 def build_parser():
     p = Parser(prog="ddpm_mnist.py", description="A denoising diffusion model on MNIST, in one file.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train a model (never over an existing --ckpt)")
-    for key, kind in (("channels", channels_arg), ("schedule", str), ("timesteps", int), ("epochs", int),
+    for key, kind in (("channels", widths), ("schedule", str), ("timesteps", int), ("epochs", int),
                       ("batch_size", int), ("lr", float), ("seed", int), ("digit", int), ("limit", int)):
-        t.add_argument("--" + key.replace("_", "-"), type=kind, help=f"default {TRAIN[key]}")
+        t.add_argument("--" + key.replace("_", "-"), type=kind, help="default " + {"channels": "32,64,128", "digit": "all",
+                       "limit": "all", "epochs": f"enough for {TRAIN_IMAGES:,} images"}.get(key, str(TRAIN[key])))
     t.add_argument("--ckpt", default=CKPT, help="the checkpoint, written after every epoch")
     t.add_argument("--resume", action="store_true", help="continue --ckpt with its own config")
     s = sub.add_parser("sample", help="draw digits from a trained model")
@@ -949,7 +947,7 @@ def build_parser():
     s.add_argument("--gif", metavar="FILE.gif", help="also animate the reverse process")
     f = sub.add_parser("forward", help="picture the forward (noising) process; no model needed")
     f.add_argument("--n", type=int, default=4, help="how many training images")
-    f.add_argument("--timesteps", type=int, default=1000)
+    f.add_argument("--timesteps", type=int, default=TRAIN["timesteps"])
     f.add_argument("--out", default="forward.png")
     e = sub.add_parser("evaluate", help="FID and digit accuracy of the samples")
     e.add_argument("--n", type=int, default=10000)

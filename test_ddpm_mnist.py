@@ -121,8 +121,7 @@ def test_q_sample_statistics():
         assert x_t.std().item() == pytest.approx(math.sqrt(1 - ab), abs=0.01)
 
 def test_unet_shape_and_zero_init():
-    m = D.UNet((8, 16, 32))
-    x = torch.randn(3, 1, 28, 28)
+    m, x = D.UNet((8, 16, 32)), torch.randn(3, 1, 28, 28)
     out = m(x, torch.tensor([0, 10, 999]), torch.tensor([0, 9, D.NULL_LABEL]))
     assert out.shape == x.shape and out.abs().max() == 0     # the untrained model predicts eps = 0
 
@@ -174,10 +173,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, m
     assert_one_line_error(code, err, "--channels")
     assert run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)[0] == 0
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "resumed.pt"))
-    assert a["step"] == b["step"] == 8
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-    code, out, _ = run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)
-    assert code == 0 and torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 8   # nothing to do
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)[0] == 0      # finished: nothing to do
 
 def test_train_never_replaces_a_run(trained, mnist_dir, capsys):
     before = trained.read_bytes()
@@ -214,6 +211,7 @@ def test_atomic_save_survives_a_death_and_cleans_up(tmp_path, monkeypatch):
     (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--channels", "12,16"], "--channels"),
     (["--channels", "8,x"], "--channels"), (["--timesteps", "1"], "--timesteps"), (["--digit", "12"], "--digit"),
     (["--schedule", "quadratic"], "--schedule"), (["--ckpt", "afile/m.pt"], "--ckpt"), (["--ckpt", "."], "--ckpt"),
+    (["--epochs", "0"], "--epochs"),
 ])
 def test_bad_train_arguments_stop_it_before_any_work(args, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -339,6 +337,7 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     (["--sampler", "ddpm", "--steps", 5], "--steps"), (["--digit", 3, "--prompt", "seven"], "--prompt"),
     (["--per-class", 2, "--digit", 3], "--digit"), (["--uncond", "--digit", 3], "--uncond"),
     (["--gif", "x.png"], "--gif"), (["--trajectory", "t.xyz"], "--trajectory"), (["--batch-size", 0], "--batch-size"),
+    (["--per-class", 0], "--per-class"),
 ])
 def test_bad_sample_arguments(args, flag, trained, tmp_path, capsys):
     code, _, err = run(["sample", "--ckpt", trained, "--out", tmp_path / "x.png", *args], capsys)
@@ -391,16 +390,16 @@ def test_auto_precision_depends_on_the_hardware_only(monkeypatch):
 META = torch.device("meta")
 
 class MetaDevice(TorchDispatchMode):
-    """The meta device as a stand-in GPU: it raises wherever a CPU tensor meets
-    a meta one, as CUDA and MPS do. This mode lets copies back to the CPU and
-    .item() work (zeros; checks pass), and records float64 made on the device."""
-    float64 = []
+    """The meta device as a GPU: it raises where a CPU tensor meets a meta one. This mode lets copies to the
+    CPU and .item() through (zeros; checks pass), and counts them and every float64 made on the device."""
+    float64, syncs = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         src = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if src is not None and src.device.type == "meta":
             if func is torch.ops.aten._local_scalar_dense.default:
+                self.syncs += 1
                 return True if src.dtype == torch.bool else 0
             if func is torch.ops.aten._to_copy.default and kwargs.get("device", META).type == "cpu":
                 return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype)
@@ -418,6 +417,7 @@ def test_training_sampling_and_evaluation_on_a_device():
         lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0)
         x0, y = torch.zeros(4, 1, 28, 28, device=META), torch.tensor([1, 2, 3, 4], device=META)
         D.train_step(model, ema, opt, lr, x0, y, s, torch.Generator().manual_seed(0), "fp32", 0)
+        assert mode.syncs == 0                                    # the CPU never waits for the device
         for how in (D.choose_sampler(True, 20, "ddpm"), D.choose_sampler(True, 20, eta=1.0), D.choose_sampler(False, 20)):
             D.generate(ema.eval(), s, torch.tensor([1, 2, D.NULL_LABEL]), how)
         D.classify(D.Classifier().to(META), torch.zeros(4, 1, 28, 28))
@@ -428,7 +428,7 @@ def test_training_sampling_and_evaluation_on_a_device():
 
 def test_fid_closed_forms():
     x = torch.randn(4000, 5, dtype=torch.float64) @ torch.randn(5, 5, dtype=torch.float64)
-    x = x - x.mean(0)
+    x -= x.mean(0)
     assert abs(D.fid(x, x)) < 1e-6
     assert D.fid(x, x + 1) == pytest.approx(5, rel=1e-6)         # a shifted mean: |mu1 - mu2|^2
     # S2 = 4 S1: tr(S1 + S2 - 2 (S1 S2)^(1/2)) = (1 + 4 - 2 * 2) tr(S1)
