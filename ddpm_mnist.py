@@ -295,9 +295,8 @@ def pick_device(name):
     return torch.device(name)
 
 def pick_precision(name, device):
-    """(precision, why). "auto" looks at the hardware only, never at a timing,
-    so a command picks the same precision whatever else the machine is doing,
-    and a seeded run repeats exactly."""
+    """(precision, why). "auto" looks at the hardware only, never at a timing: a
+    command picks the same precision however busy the machine, and repeats exactly."""
     if name != "auto":
         return name, "--precision"
     if device.type == "cuda":
@@ -305,8 +304,8 @@ def pick_precision(name, device):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             return "bf16", "auto: the GPU has bf16 tensor cores"
         return "fp32", "auto: the GPU predates bf16 tensor cores"
-    has = lambda check: getattr(torch.cpu, check, lambda: False)()   # private in torch.cpu: fp32 if they move
-    if device.type == "cpu" and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")):
+    if device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)()   # private: if they move, fp32
+                                    for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
         return "bf16", "auto: this CPU has bf16 instructions, AVX512-BF16 or AMX"
     return "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
 
@@ -349,9 +348,8 @@ def train_step(model, ema, opt, lr_sched, x0, y, sched, gen, precision, step):
     return loss.detach()
 
 def atomic_save(obj, path):
-    """Write a temporary file beside `path`, then rename it over `path`: a save
-    that dies halfway leaves the previous file intact. The temporary name is
-    unique, so two processes never write into the same one."""
+    """Write a temporary file beside `path` (a name no other process uses), then
+    rename it over `path`: a save that dies halfway leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
     try:
@@ -385,13 +383,13 @@ def load_checkpoint(path):
     except (UserError, RuntimeError, TypeError, AttributeError):
         raise UserError(f"{path}: its weights do not fit the U-Net its config describes; "
                         "the file is damaged or from another version") from None
-    # A NaN weight would draw black pictures, and fail deep inside the FID.
-    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):   # black pictures, a broken FID
         raise UserError(f"{path}: some of its weights are NaN or infinite; the file is damaged")
     return ckpt, model
 
 def train(args):
     ckpt_path = check_out(args.ckpt, "--ckpt")
+    check_out(ckpt_path.with_name(f"{ckpt_path.stem}_epoch01.png"), "--ckpt (its grids)", image=True)
     given = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
     # The config holds all that defines a run. A resumed run takes it from the
     # checkpoint; a flag that contradicts it is refused rather than ignored.
@@ -417,7 +415,7 @@ def train(args):
             raise UserError(f"--lr {cfg['lr']}: must be a positive number")
     device = pick_device(args.device)
     precision, why = pick_precision(args.precision, device)
-    for stale in ckpt_path.parent.glob(ckpt_path.name + ".*.tmp"):
+    for stale in [p for p in ckpt_path.parent.iterdir() if p.name.startswith(ckpt_path.name + ".") and p.suffix == ".tmp"]:
         stale.unlink()                                   # left by a save that was killed
 
     x_all, y_all = load_mnist(args.data_dir, True, cfg["digit"], cfg["limit"])
@@ -436,7 +434,7 @@ def train(args):
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: (n + 1) / warmup if n < warmup else
                                                  0.5 * (1 + math.cos(math.pi * (n - warmup) / max(1, total_steps - warmup))))
     gen = torch.Generator().manual_seed(cfg["seed"])     # every random draw of training
-    step, start_epoch = 0, 0
+    step, start_epoch, fresh = 0, 0, not args.resume
     if args.resume:
         for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (lr_sched, "lr_scheduler")):
             obj.load_state_dict(ckpt[key])
@@ -478,7 +476,10 @@ def train(args):
                          lr_scheduler=lr_sched.state_dict(), rng=gen.get_state(), epoch=epoch + 1)
         else:
             state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
+        if fresh and ckpt_path.exists():   # another run took the name meanwhile: never replace it
+            raise UserError(f"{ckpt_path} appeared while this run trained; not replaced: give another --ckpt")
         atomic_save(dict(format="ddpm_mnist", config=cfg, step=step, **state), ckpt_path)
+        fresh = False
         x = generate(ema.eval(), sched, random_labels(64, cfg, 0), choose_sampler(True, sched.T), precision=precision)
         grid_path = ckpt_path.with_name(f"{ckpt_path.stem}_epoch{epoch + 1:02d}.png")
         grid_image(x, nrow=8).save(grid_path)
@@ -559,10 +560,10 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
 # A larger w gives more typical, more clearly-that-digit samples, at some cost
 # in variety. With no digit asked for: p(x) = sum_y p(y) p(x | y), so draw y
 # from MNIST's digit frequencies, then a sample of it, sharpened by guidance
-# (as Dhariwal & Nichol 2021 and Karras et al. 2022 sample class-conditional
-# models). The network's own
-# unconditional model saw a fifth of the training and draws worse digits;
-# --uncond shows it, with DDIM at eta = 1, whose fresh noise fixes some flaws.
+# (as Dhariwal & Nichol 2021 and Karras et al. 2022 sample their class-
+# conditional models). The network's own unconditional model saw a fifth of
+# the training and draws worse digits; --uncond shows it, with DDIM at
+# eta = 1, whose fresh noise at every step corrects some of its mistakes.
 
 @torch.no_grad()
 def ddim_sample(model, sched, x_T, y, steps, eta=0.0, guidance=0.0, clip=True, gen=None,
@@ -598,13 +599,16 @@ class Sampler(NamedTuple):
         return (f"{self.name.upper()} {self.steps} steps" + (f", eta {self.eta:g}" if self.name == "ddim" else "")
                 + (f", guidance {self.guidance:g}" if self.guidance else ""))
 
-def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=GUIDANCE, clip=True):
+def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=None, clip=True):
     """The sampling defaults, decided here only: DDIM in STEPS steps, guided and
     deterministic for samples with a digit; eta 1 for the unconditional model."""
     name = name or "ddim"
     if name == "ddpm" and (eta is not None or steps is not None):
         raise UserError("--eta and --steps are DDIM's; DDPM always takes all T steps with eta 1")
+    if guidance and not labelled:
+        raise UserError("--guidance needs a digit to guide towards; the unconditional model has none")
     eta = (0.0 if labelled else 1.0) if eta is None else eta
+    guidance = (GUIDANCE if labelled else 0.0) if guidance is None else guidance
     steps = T if name == "ddpm" else min(STEPS, T) if steps is None else steps
     if not 0 <= eta <= 1:
         raise UserError(f"--eta {eta}: must be between 0 and 1")
@@ -612,7 +616,7 @@ def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=GUIDAN
         raise UserError(f"--steps {steps}: this model takes 1 to T = {T} steps")
     if not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance {guidance}: must be a number, 0 or more")
-    return Sampler(name, steps, eta, guidance if labelled else 0.0, clip)
+    return Sampler(name, steps, eta, guidance, clip)
 
 # How often each digit occurs among MNIST's 60,000 training images: p(y).
 MNIST_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
@@ -668,8 +672,7 @@ def save_each(x, out_dir):
     print(f"wrote {len(x)} PNGs to {out_dir}/")
 
 def save_gif(frames, path, nrow, count=60, ms=80, hold_ms=2000):
-    """An animation of the reverse process that rests on the final grid; at
-    most `count` frames, evenly picked (DDPM's 1000 would be megabytes)."""
+    """The reverse process animated, resting on the final grid; `count` frames at most (DDPM has 1000)."""
     picks = torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long().tolist()
     images = [grid_image(frames[j], nrow) for j in picks]
     images[0].save(path, save_all=True, append_images=images[1:], loop=0,
@@ -713,14 +716,13 @@ def classify(clf, x, batch_size=1000):
     return feats, clf.head(feats.float().to(dev)).argmax(1).cpu()
 
 def load_or_train_classifier(path, data_dir, device, precision, epochs=3, batch_size=128, seed=0):
-    """The classifier cached at `path`, read as plain data (weights_only), or
-    a new one: a few epochs on MNIST with random shifts of up to 2 pixels."""
+    """The classifier cached at `path` (weights_only), or a new one: MNIST, shifted up to 2 pixels."""
     if Path(path).is_file():
         try:
             clf = Classifier()
             clf.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["classifier"])
         except Exception:
-            raise UserError(f"classifier {path} is unreadable or not a ddpm_mnist classifier; delete it to retrain") from None
+            raise UserError(f"{path} is not a ddpm_mnist classifier; give another --classifier") from None
         print(f"classifier: {path}")
         return clf.to(device).eval()
     print(f"classifier: training one on MNIST (cached at {path})")
@@ -759,8 +761,7 @@ def fid(feats_a, feats_b):
     return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * eig.sqrt().sum())
 
 def same_digits(y_real, labels, gen):
-    """Indices of random real images holding the same digits as `labels`: as
-    many 0s as labels has 0s, and so on (fewer if MNIST runs out)."""
+    """Random real images with the digits of `labels`: as many 0s as it has, ... (fewer if MNIST runs out)."""
     perm = torch.randperm(len(y_real), generator=gen)
     counts = torch.bincount(labels, minlength=NUM_CLASSES)
     return torch.cat([perm[y_real[perm] == d][:int(counts[d])] for d in range(NUM_CLASSES)])
@@ -776,7 +777,7 @@ def check_out(path, flag, image=False):
     if path is None:
         return None
     path = Path(path)
-    if image and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+    if image and path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"):
         raise UserError(f"{flag} {path}: not a kind of image that can be written; use .png")
     if path.is_dir() or any(p.is_file() for p in path.parents):
         raise UserError(f"{flag} {path}: {'it is a folder' if path.is_dir() else 'a folder on its way is a file'}")
@@ -814,8 +815,10 @@ def cmd_sample(args):
         raise UserError("--n and --per-class must be at least 1")
     digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
     out = Path(args.out or ("samples/prompt_{digit}.png" if args.interactive else "sample.png"))
-    if args.interactive and "{digit}" not in str(out):   # a grid per prompt: the digit goes in the name
+    if args.interactive and "{digit}" not in str(out) and out.suffix:   # a grid per prompt: the digit in the name
         out = out.with_name(out.stem + "_{digit}" + out.suffix)
+    if args.interactive and (args.gif or args.trajectory or args.out_dir):
+        raise UserError("--interactive writes one grid per prompt: drop --gif, --trajectory and --out-dir")
     if args.gif and not args.gif.lower().endswith(".gif"):
         raise UserError(f"--gif {args.gif}: the file name must end in .gif")
     for path, flag in ((str(out).replace("{digit}", "0"), "--out"), (args.trajectory, "--trajectory"), (args.gif, "--gif"),
@@ -852,8 +855,7 @@ def cmd_sample(args):
         print(f"wrote {args.gif}")
 
 def interactive(model, sched, sampler, pattern, n, run):
-    """A grid per line of stdin until an empty line: the model is loaded once, so
-    each prompt costs only the sampling; a bad word is reported and skipped."""
+    """A grid per line of stdin until an empty line; a bad word is reported and skipped."""
     while True:
         if sys.stdin.isatty():
             print("prompt (a digit or a number word; empty line to quit)> ", end="", flush=True)
@@ -889,8 +891,8 @@ def cmd_evaluate(args):
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
     device = next(model.parameters()).device
     # 1. the judge: a classifier, and the features of the real test images
-    clf = load_or_train_classifier(args.classifier, args.data_dir, device, precision)
     x_test, y_test = load_mnist(args.data_dir, train=False)
+    clf = load_or_train_classifier(args.classifier, args.data_dir, device, precision)
     test_feats, test_pred = classify(clf, x_test)
     print(f"classifier test accuracy: {100 * (test_pred == y_test).float().mean().item():.2f}%")
     # 2. the labels: random digits as `sample` draws them, an equal number of each, or none
@@ -959,7 +961,7 @@ def build_parser():
         sp.add_argument("--sampler", choices=["ddim", "ddpm"], help="default ddim; ddpm takes all T steps")
         sp.add_argument("--steps", type=int, help=f"DDIM steps, 1..T (default {STEPS})")
         sp.add_argument("--eta", type=float, help="DDIM's noise, 0..1 (default 0; 1 with --uncond)")
-        sp.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance w")
+        sp.add_argument("--guidance", type=float, help=f"classifier-free guidance w (default {GUIDANCE})")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x0 estimate to [-1, 1]")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--batch-size", type=int, help="default 100 on a CPU, 1000 on a GPU")

@@ -41,10 +41,11 @@ def mnist_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(mnist_dir, tmp_path_factory):
-    """A tiny model trained for one epoch (4 steps) through the real CLI, beside
-    the temporary file of a save that was killed."""
-    ckpt = tmp_path_factory.mktemp("trained") / "m.pt"
-    (ckpt.parent / "m.pt.abc123.tmp").write_bytes(b"left by a kill -9")
+    """A tiny model trained for one epoch (4 steps) through the real CLI, beside the temporary
+    file of a save that was killed, and a file its name would match as a glob pattern."""
+    ckpt = tmp_path_factory.mktemp("trained") / "m[1].pt"
+    (ckpt.parent / "m[1].pt.abc123.tmp").write_bytes(b"left by a kill -9")
+    (ckpt.parent / "m1.pt.abc123.tmp").write_bytes(b"not ours")
     D.main(["train", "--data-dir", str(mnist_dir), "--epochs", "1", "--ckpt", str(ckpt), *TINY])
     return ckpt
 
@@ -150,8 +151,8 @@ def test_train_writes_a_small_final_checkpoint_and_a_grid(trained):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["channels"] == [8, 16] and "optimizer" not in ckpt
     assert all(v.dtype == torch.float16 for v in ckpt["ema"].values())
-    assert (trained.parent / "m_epoch01.png").is_file()
-    assert not list(trained.parent.glob("*.tmp"))                        # the stale one is gone too
+    assert (trained.parent / "m[1]_epoch01.png").is_file()
+    assert [p.name for p in trained.parent.glob("*.tmp")] == ["m1.pt.abc123.tmp"]   # the stale one is gone
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, monkeypatch, capsys):
     common = ["train", "--data-dir", mnist_dir, "--epochs", 2, "--precision", "fp32", *TINY]
@@ -322,10 +323,8 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
            "nan.pt": {**ckpt, "ema": {**ckpt["ema"], "out_conv.bias": torch.full((1,), float("nan"))}},
            "code.pt": {"format": "ddpm_mnist", "config": {}, "ema": Spy()}}    # an object: weights_only refuses it
     for name, content in bad.items():
-        if isinstance(content, bytes):
-            (tmp_path / name).write_bytes(content)
-        elif content is not None:
-            torch.save(content, tmp_path / name)
+        if content is not None:
+            (tmp_path / name).write_bytes(content) if isinstance(content, bytes) else torch.save(content, tmp_path / name)
         code, _, err = run(["sample", "--ckpt", tmp_path / name, "--out", tmp_path / "x.png"], capsys)
         assert_one_line_error(code, err, name)
     assert not (tmp_path / "x.png").exists()
@@ -337,7 +336,8 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     (["--sampler", "ddpm", "--steps", 5], "--steps"), (["--digit", 3, "--prompt", "seven"], "--prompt"),
     (["--per-class", 2, "--digit", 3], "--digit"), (["--uncond", "--digit", 3], "--uncond"),
     (["--gif", "x.png"], "--gif"), (["--trajectory", "t.xyz"], "--trajectory"), (["--batch-size", 0], "--batch-size"),
-    (["--per-class", 0], "--per-class"),
+    (["--per-class", 0], "--per-class"), (["--uncond", "--guidance", 2], "--guidance"), (["--out", "x.xbm"], "--out"),
+    (["--interactive", "--gif", "r.gif"], "--interactive"),
 ])
 def test_bad_sample_arguments(args, flag, trained, tmp_path, capsys):
     code, _, err = run(["sample", "--ckpt", trained, "--out", tmp_path / "x.png", *args], capsys)
