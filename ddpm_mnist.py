@@ -406,7 +406,6 @@ def train(args):
         if ckpt_path.exists():   # it may be hours of work: never replaced unasked
             raise UserError(f"{ckpt_path} exists: continue it with --resume, or give another --ckpt")
         cfg = {**TRAIN, **given}
-        UNet(cfg["channels"])                            # checks the widths, before the data is loaded
         if cfg["schedule"] not in ("cosine", "linear") or cfg["timesteps"] < 2 or cfg["digit"] not in (None, *range(10)) \
                 or any(cfg[k] is not None and cfg[k] < 1 for k in ("epochs", "batch_size", "limit")):
             raise UserError("use --schedule cosine or linear, --timesteps of at least 2, --digit 0 to 9, "
@@ -415,6 +414,8 @@ def train(args):
             raise UserError(f"--lr {cfg['lr']}: must be a positive number")
     device = pick_device(args.device)
     precision, why = pick_precision(args.precision, device)
+    torch.manual_seed(cfg["seed"])                       # the initial weights
+    model = UNet(cfg["channels"]).to(device)             # before the data: bad --channels fail at once
     for stale in [p for p in ckpt_path.parent.iterdir() if p.name.startswith(ckpt_path.name + ".") and p.suffix == ".tmp"]:
         stale.unlink()                                   # left by a save that was killed
 
@@ -422,8 +423,6 @@ def train(args):
     x_all, y_all = x_all.to(device), y_all.to(device)
     cfg["epochs"] = cfg["epochs"] or math.ceil(TRAIN_IMAGES / len(x_all))   # steps matter more than epochs
     sched = make_schedule(cfg["schedule"], cfg["timesteps"])
-    torch.manual_seed(cfg["seed"])                       # the initial weights
-    model = UNet(cfg["channels"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)   # no decay: Adam, in effect
     steps_per_epoch = math.ceil(len(x_all) / cfg["batch_size"])
