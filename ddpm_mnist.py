@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """ddpm_mnist.py: a denoising diffusion model (DDPM) on MNIST, in one file.
 
-Read it top to bottom, in the order you would learn the method: 1. data,
-2. the forward process, 3. the U-Net, 4. training, 5. the DDPM sampler,
-6. DDIM and guidance, 7. pictures, 8. evaluation, 9. the command line.
+Sections 1-6 are the method, in the order you would learn it: 1. data,
+2. the forward process, 3. the U-Net, 4. the loss and the training loop,
+5. the DDPM sampler, 6. DDIM and guidance. Sections 7-11 are what a run
+needs around it (devices, checkpoints, pictures, evaluation, the command
+line); a first read can skip them.
 
     python ddpm_mnist.py train                # trains ./ddpm_mnist.pt
     python ddpm_mnist.py sample --digit 7     # a grid of sevens in seconds
@@ -48,6 +50,7 @@ STEPS = 20                   # DDIM's network calls per sample
 CKPT = "ddpm_mnist.pt"       # what `train` writes and `sample` reads first
 SHIPPED = Path(__file__).resolve().parent / "samples" / "ddpm_mnist.pt"
 
+
 class UserError(Exception):
     """A mistake the user can fix. The CLI prints it as one line and exits 1."""
 
@@ -58,21 +61,27 @@ class UserError(Exception):
 # MNIST: 60,000 training images of digits, 28x28, grayscale, labelled 0-9.
 # Diffusion adds Gaussian noise of unit variance, so images must live on a
 # comparable scale centred on zero (Ho et al. 2020, section 3.3): pixels go
-# from [0, 255] to x_0 = 2 * pixel / 255 - 1 in [-1, 1]. Images left in [0, 1]
+# from [0, 255] to 2 * pixel / 255 - 1 in [-1, 1]. Images left in [0, 1]
 # are the most common cause of washed-out samples. The set is small enough to
 # decode once into one tensor and index random batches from it.
+
 
 def load_mnist(data_dir, train=True, digit=None, limit=None):
     """Images as float32 [N, 1, 28, 28] in [-1, 1] and labels as int64 [N],
     from torchvision's MNIST in data_dir/MNIST/raw (downloaded if missing)."""
     from torchvision import datasets
+    raw = Path(data_dir) / "MNIST" / "raw"
     try:   # quietly: torchvision prints a line per download mirror it tries
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ds = datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:
-        raise UserError(f"MNIST could not be read from {Path(data_dir) / 'MNIST' / 'raw'} nor downloaded "
+        raise UserError(f"MNIST could not be read from {raw} nor downloaded "
                         f"({(str(e).strip().splitlines() or [type(e).__name__])[-1]}); put the four *-ubyte files there") from None
     x, y = ds.data, ds.targets                 # uint8 [N, 28, 28], int64 [N]
+    if len(x) != len(y):
+        split = "train" if train else "t10k"
+        raise UserError(f"{raw / f'{split}-images-idx3-ubyte'} holds {len(x)} images but "
+                        f"{split}-labels-idx1-ubyte {len(y)} labels; replace the pair")
     if digit is not None:
         x, y = x[y == digit], y[y == digit]
     if limit is not None:
@@ -85,8 +94,14 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
 # -----------------------------------------------------------------------------
 # 2. The forward process and noise schedules
 #
-# The forward process destroys an image x_0 with Gaussian noise over T steps,
-# each keeping sqrt(1 - beta_t) of the signal (Ho et al. eq. 2):
+# Indexing, once for the whole file: timesteps are 0-based, as arrays are,
+# t in {0, ..., T-1}, in training and in sampling alike (mixing 0- and 1-based
+# is a classic bug). x_t is the image after t + 1 steps of noise, the paper's
+# x_{t+1}; the clean image, the papers' x_0, is written x_start (the name in
+# Ho et al.'s code), so that no formula below means two things.
+#
+# The forward process destroys x_start with Gaussian noise over T steps, each
+# keeping sqrt(1 - beta_t) of the signal (Ho et al. eq. 2):
 #
 #     q(x_t | x_{t-1}) = N(x_t; sqrt(1 - beta_t) x_{t-1}, beta_t I).
 #
@@ -94,17 +109,14 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
 # alpha_t = 1 - beta_t and alpha_bar_t = prod_{s <= t} alpha_s, the share of
 # signal variance left, falling from about 1 to about 0:
 #
-#     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,   eps ~ N(0, I).
+#     x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) eps,   eps ~ N(0, I).
 #
 # How fast it falls is the schedule. Linear: beta_t from 1e-4 to 0.02 (Ho et
 # al. section 4), which on small images leaves the last third of the steps
 # almost pure noise, teaching little. Cosine (Nichol & Dhariwal 2021, eq. 17):
-# alpha_bar = f(t) / f(0) after t steps, f(t) = cos^2((t/T + 0.008) / 1.008 * pi/2),
-# betas clipped at 0.999: slow at both ends, linear in between.
-#
-# Timesteps are 0-based: t in {0, ..., T-1}, in training and in sampling
-# alike; mixing 0- and 1-based is a classic bug. So the file's x_t is the
-# paper's x_{t+1} (noised t + 1 times), and the clean x_0 sits at "t = -1".
+# alpha_bar = f(t + 1) / f(0), f(t) = cos^2((t/T + 0.008) / 1.008 * pi/2),
+# betas clipped at 0.999: alpha_bar falls slowly at both ends, linearly between.
+
 
 class Schedule(NamedTuple):
     """Every per-timestep constant the equations use, indexed by t = 0..T-1."""
@@ -117,10 +129,14 @@ class Schedule(NamedTuple):
     def T(self):
         return len(self.betas)
 
+    def to(self, device):
+        return Schedule(*(v.to(device) for v in self))
+
+
 def make_schedule(name, T):
     if name == "linear":     # scaled by 1000/T: any T adds as much noise as T = 1000 (as Nichol & Dhariwal do)
         betas = torch.linspace(0.1 / T, 20 / T, T, dtype=torch.float64)
-    elif name == "cosine":   # 0-based: alpha_bar_t = f(t + 1) / f(0), so beta_t = 1 - f(t + 1) / f(t)
+    elif name == "cosine":   # alpha_bar_t = f(t + 1) / f(0), so beta_t = 1 - f(t + 1) / f(t)
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = 1 - f[1:] / f[:-1]
     else:
@@ -128,16 +144,17 @@ def make_schedule(name, T):
     betas = betas.clamp(max=0.999)
     alphas = 1 - betas                                                 # alpha_t = 1 - beta_t
     alphas_bar = torch.cumprod(alphas, dim=0)                          # alpha_bar_t = prod_{s <= t} alpha_s
-    alphas_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_bar[:-1]])   # alpha_bar_{-1} = 1
+    alphas_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_bar[:-1]])   # 1 for x_start
     posterior_variance = betas * (1 - alphas_bar_prev) / (1 - alphas_bar)   # beta~_t (eq. 7)
     # Computed in float64, since alpha_bar gets tiny, then stored as float32:
     # Apple's GPUs have no float64, and float32 is ample for the samplers.
     return Schedule(*(v.float() for v in (betas, alphas, alphas_bar, posterior_variance)))
 
-def q_sample(x0, t, eps, alphas_bar):
-    """x_t ~ q(x_t | x_0) (Ho et al. eq. 4) for one timestep per image, given the noise eps."""
-    ab = alphas_bar.to(t.device)[t].view(-1, 1, 1, 1)                 # one alpha_bar_t per image
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps                      # sqrt(ab) x_0 + sqrt(1 - ab) eps
+
+def q_sample(x_start, t, eps, alphas_bar):
+    """x_t ~ q(x_t | x_start) (Ho et al. eq. 4) for one timestep per image, given the noise eps."""
+    ab = alphas_bar[t].view(-1, 1, 1, 1)                               # one alpha_bar_t per image
+    return ab.sqrt() * x_start + (1 - ab).sqrt() * eps                 # sqrt(ab) x_start + sqrt(1 - ab) eps
 
 
 # -----------------------------------------------------------------------------
@@ -161,6 +178,7 @@ def q_sample(x0, t, eps, alphas_bar):
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES   # the extra "no label" class
 
+
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer timesteps: [B] -> [B, dim]."""
     # Neighbouring t get similar vectors, far-apart t different ones; a raw
@@ -170,6 +188,7 @@ def timestep_embedding(t, dim):
     angles = t.float()[:, None] * freqs[None, :]                                        # t f_k
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
+
 def zero_init(module):
     # The last layer of each residual branch starts at zero, so every block
     # starts as its skip path and the untrained U-Net outputs 0, the mean of
@@ -177,6 +196,7 @@ def zero_init(module):
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
+
 
 class ResBlock(nn.Module):
     """skip(x) + conv(silu(norm(conv(silu(norm(x)))) * (1 + scale(t, y)) + shift(t, y))),
@@ -197,6 +217,7 @@ class ResBlock(nn.Module):
         h = self.norm2(h) * (1 + scale) + shift          # "1 +": a FiLM output of zero leaves h alone
         return self.skip(x) + self.conv2(F.silu(h))
 
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the pixels of the 7x7 map, residual: any
     pixel with any other, so far-apart strokes are related in one layer. Its
@@ -216,14 +237,13 @@ class SelfAttention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
+
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): [B, 1, 28, 28], [B], [B] -> [B, 1, 28, 28]."""
+    """eps_theta(x_t, t, y): [B, 1, 28, 28], [B], [B] -> [B, 1, 28, 28]. `channels`:
+    1 to 3 widths (28 pixels halve to 14 and 7), multiples of 8 for GroupNorm."""
 
     def __init__(self, channels=(32, 64, 128)):
         super().__init__()
-        if not 1 <= len(channels) <= 3 or any(c <= 0 or c % 8 for c in channels):
-            raise UserError(f"--channels {','.join(map(str, channels))}: give 1 to 3 widths (28 pixels halve "
-                            "to 14 and 7, no further), each a positive multiple of 8 (for GroupNorm's 8 groups)")
         # Each level halves the resolution and widens the features, as in Ho
         # et al.: coarser maps need more channels to describe what is where.
         c0 = self.c0 = channels[0]
@@ -263,10 +283,10 @@ class UNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. The loss and training
+# 4. The loss and the training loop
 #
 # Ho et al. show (eq. 8-12) that learning the reverse process comes down, up
-# to weights, to predicting the noise: draw x_0, t uniformly from {0..T-1}
+# to weights, to predicting the noise: draw x_start, t uniformly from {0..T-1}
 # and eps ~ N(0, I), form x_t by eq. 4, and regress (eq. 14, Algorithm 1)
 #
 #     L_simple = E || eps - eps_theta(x_t, t, y) ||^2.
@@ -278,278 +298,143 @@ class UNet(nn.Module):
 # weights jitter from batch to batch, and the average smooths that out.
 #
 # Every random draw (data order, t, eps, label dropout) comes from one CPU
-# generator, saved in each checkpoint: a resumed run goes on exactly as if it
-# had never stopped. The network runs under bfloat16 autocast where the
-# hardware has bf16 units; the loss, schedule and samplers stay in float32.
+# generator `gen`: the same draws on any device, and a resumed run that saved
+# the generator goes on exactly as if it had never stopped. The network may
+# run under bfloat16 autocast; the loss, schedule and samplers stay in float32.
 
 P_UNCOND = 0.2
 MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 WARMUP_FRACTION = 0.05
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name != "cpu" and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
-        raise UserError(f"--device {name}: PyTorch sees no such device here")   # never silently the CPU
-    return torch.device(name)
-
-def pick_precision(name, device):
-    """(precision, why). "auto" looks at the hardware only, never at a timing: a
-    command picks the same precision however busy the machine, and repeats exactly."""
-    if name != "auto":
-        return name, "--precision"
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] >= 8:   # and what stays fp32 may use TF32 too
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            return "bf16", "auto: the GPU has bf16 tensor cores"
-        return "fp32", "auto: the GPU predates bf16 tensor cores"
-    if device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)()   # private: if they move, fp32
-                                    for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
-        return "bf16", "auto: this CPU has bf16 instructions, AVX512-BF16 or AMX"
-    return "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
 
 def autocast(device, precision):
+    """bfloat16 autocast for the network where `precision` is "bf16" (section 7 decides)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
-def diffusion_loss(model, x0, y, sched, gen):
+
+def diffusion_loss(model, x_start, y, sched, gen):
     """L_simple on one batch (Algorithm 1), each image's error weighted by
     min(SNR_t, 5) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-5,
-    Hang et al. 2023). Why: with x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab),
+    Hang et al. 2023). Why: with x_start_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab),
     the clean image the estimate implies (eq. 15), ||eps - eps_hat||^2
-    = SNR_t ||x_0 - x0_hat||^2, so L_simple weights step t by SNR_t, and the
-    nearly clean steps, where only invisible detail is left, dominate."""
-    B, device = len(x0), x0.device
+    = SNR_t ||x_start - x_start_hat||^2, so L_simple weights step t by SNR_t,
+    and the nearly clean steps, where only invisible detail is left, dominate."""
+    B, device = len(x_start), x_start.device
     t = torch.randint(0, sched.T, (B,), generator=gen)            # t ~ Uniform({0, ..., T-1})
-    eps = torch.randn(x0.shape, generator=gen)                    # eps ~ N(0, I)
+    eps = torch.randn(x_start.shape, generator=gen)               # eps ~ N(0, I)
     drop = torch.rand(B, generator=gen) < P_UNCOND                # label dropout
     t, eps, drop = t.to(device), eps.to(device), drop.to(device)   # drawn on the CPU: the same on any device
     y = torch.where(drop, NULL_LABEL, y)                          # 20% "no label": p(x) learnt too
-    x_t = q_sample(x0, t, eps, sched.alphas_bar)                  # eq. 4
+    x_t = q_sample(x_start, t, eps, sched.alphas_bar)             # eq. 4
     error = (model(x_t, t, y).float() - eps).square().mean(dim=(1, 2, 3))   # ||eps - eps_theta||^2 per image
-    ab = sched.alphas_bar.to(device)[t]
+    ab = sched.alphas_bar[t]
     weight = MIN_SNR_GAMMA / (ab / (1 - ab)).clamp(min=MIN_SNR_GAMMA)   # = min(SNR_t, 5) / SNR_t, 1 (not 0/0) at ab = 0
     return (weight * error).mean()
 
-def train_step(model, ema, opt, lr_sched, x0, y, sched, gen, precision, step):
-    """One optimisation step; returns the loss, left on the device: reading it
-    would make the CPU wait for a GPU at every step."""
-    with autocast(x0.device, precision):
-        loss = diffusion_loss(model, x0, y, sched, gen)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # one bad batch cannot undo much
-    opt.step()
-    lr_sched.step()
-    decay = min(EMA_DECAY, (1 + step) / (10 + step))   # ramps up, not to stay anchored at the random init
+
+def get_lr(step, total_steps, peak):
+    """Linear warm-up over the first 5% of the steps (Adam's first estimates rest
+    on a few batches), then cosine decay to zero: the last steps refine, not jump."""
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+    if step < warmup:
+        return peak * ((step + 1) / warmup)
+    return peak * (0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
+
+
+def ema_update(ema, model, step):
+    """ema <- decay ema + (1 - decay) model, after optimisation step `step` = 1, 2, ..."""
+    decay = min(EMA_DECAY, step / (9 + step))   # ramps up, not to stay anchored at the random init
     with torch.no_grad():
         for p_ema, p in zip(ema.parameters(), model.parameters()):
-            p_ema.lerp_(p, 1 - decay)                     # p_ema = decay p_ema + (1 - decay) p
-    return loss.detach()
+            p_ema.lerp_(p, 1 - decay)
 
-def atomic_save(obj, path):
-    """Write a temporary file beside `path` (a name no other process uses), then
-    rename it over `path`: a save that dies halfway leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
-def load_checkpoint(path):
-    """A checkpoint as plain data (weights_only: a file can never run code),
-    and the U-Net it describes, with its EMA weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: train one with 'python ddpm_mnist.py train' or pass --ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ddpm_mnist" or "ema" not in ckpt:
-        raise UserError(f"{path} is not a ddpm_mnist checkpoint")
-    missing = [k for k in ("channels", "schedule", "timesteps") if k not in ckpt.get("config", {})]
-    if missing:
-        raise UserError(f"{path}: its config lacks {', '.join(missing)}; the file is damaged")
-    try:
-        model = UNet(ckpt["config"]["channels"])
-        model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
-    except (UserError, RuntimeError, TypeError, AttributeError):
-        raise UserError(f"{path}: its weights do not fit the U-Net its config describes; "
-                        "the file is damaged or from another version") from None
-    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):   # black pictures, a broken FID
-        raise UserError(f"{path}: some of its weights are NaN or infinite; the file is damaged")
-    return ckpt, model
-
-def train(args):
-    ckpt_path = check_out(args.ckpt, "--ckpt")
-    check_out(ckpt_path.with_name(f"{ckpt_path.stem}_epoch01.png"), "--ckpt (its grids)", image=True)
-    given = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
-    # The config holds all that defines a run. A resumed run takes it from the
-    # checkpoint; a flag that contradicts it is refused rather than ignored.
-    if args.resume:
-        ckpt, _ = load_checkpoint(ckpt_path)
-        cfg = ckpt["config"]
-        clashes = [f"--{k.replace('_', '-')} {v} (it has {cfg.get(k)})" for k, v in given.items() if cfg.get(k) != v]
-        if clashes:
-            raise UserError(f"--resume continues {ckpt_path} with its own config, but you gave "
-                            f"{', '.join(clashes)}; drop those flags, or start a new run with another --ckpt")
-        if "optimizer" not in ckpt:
-            return print(f"{ckpt_path} is a finished run: nothing to resume")
-    else:
-        if ckpt_path.exists():   # it may be hours of work: never replaced unasked
-            raise UserError(f"{ckpt_path} exists: continue it with --resume, or give another --ckpt")
-        cfg = {**TRAIN, **given}
-        if cfg["schedule"] not in ("cosine", "linear") or cfg["timesteps"] < 2 or cfg["digit"] not in (None, *range(10)) \
-                or any(cfg[k] is not None and cfg[k] < 1 for k in ("epochs", "batch_size", "limit")):
-            raise UserError("use --schedule cosine or linear, --timesteps of at least 2, --digit 0 to 9, "
-                            "and --epochs, --batch-size and --limit of at least 1")
-        if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
-            raise UserError(f"--lr {cfg['lr']}: must be a positive number")
-    device = pick_device(args.device)
-    precision, why = pick_precision(args.precision, device)
-    torch.manual_seed(cfg["seed"])                       # the initial weights
-    model = UNet(cfg["channels"]).to(device)             # before the data: bad --channels fail at once
-    for stale in [p for p in ckpt_path.parent.iterdir() if p.name.startswith(ckpt_path.name + ".") and p.suffix == ".tmp"]:
-        stale.unlink()                                   # left by a save that was killed
-
-    x_all, y_all = load_mnist(args.data_dir, True, cfg["digit"], cfg["limit"])
-    x_all, y_all = x_all.to(device), y_all.to(device)
-    cfg["epochs"] = cfg["epochs"] or math.ceil(TRAIN_IMAGES / len(x_all))   # steps matter more than epochs
-    sched = make_schedule(cfg["schedule"], cfg["timesteps"])
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)   # no decay: Adam, in effect
-    steps_per_epoch = math.ceil(len(x_all) / cfg["batch_size"])
+def train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step=0):
+    """Algorithm 1 on shuffled batches for cfg["epochs"] epochs, from `step` on (a
+    resumed run); yields (step, loss) after every optimisation step. The loss is
+    left on the device: reading it would make the CPU wait for a GPU every step."""
+    batch = cfg["batch_size"]
+    steps_per_epoch = math.ceil(len(x_all) / batch)
     total_steps = cfg["epochs"] * steps_per_epoch
-    # Linear warm-up over 5% of the steps (Adam's first estimates rest on a few
-    # batches), then cosine decay to zero: the last steps refine, not jump.
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: (n + 1) / warmup if n < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (n - warmup) / max(1, total_steps - warmup))))
-    gen = torch.Generator().manual_seed(cfg["seed"])     # every random draw of training
-    step, start_epoch, fresh = 0, 0, not args.resume
-    if args.resume:
-        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (lr_sched, "lr_scheduler")):
-            obj.load_state_dict(ckpt[key])
-        gen.set_state(ckpt["rng"])
-        step, start_epoch = ckpt["step"], ckpt["epoch"]
-        print(f"resuming {ckpt_path} at epoch {start_epoch}, step {step}")
-
-    print(f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {len(x_all):,} images | "
-          f"{device} {precision} ({why}) | {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']}")
     model.train()
-    t_start, last_print, images, losses = time.time(), 0.0, 0, []
-    for epoch in range(start_epoch, cfg["epochs"]):
-        perm = torch.randperm(len(x_all), generator=gen).to(device)   # a fresh shuffle per epoch
+    for epoch in range(step // steps_per_epoch, cfg["epochs"]):
+        perm = torch.randperm(len(x_all), generator=gen).to(x_all.device)   # a fresh order every epoch
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
-            losses.append(train_step(model, ema, opt, lr_sched, x_all[idx], y_all[idx], sched, gen, precision, step))
-            step, images = step + 1, images + len(idx)
-            if time.time() - t_start - last_print > 10 or i == steps_per_epoch - 1:
-                # The losses since the last line, read in one go: a NaN stops
-                # the run before a checkpoint could save the weights it poisoned.
-                losses = torch.stack(losses)
-                bad = (~torch.isfinite(losses)).nonzero()
-                if len(bad):
-                    first = int(bad[0])
-                    raise UserError(f"the loss became {losses[first].item()} at step {step - len(losses) + first + 1}; "
-                                    f"try a lower --lr (the last good checkpoint is {ckpt_path})")
-                last_print, rate = time.time() - t_start, images / (time.time() - t_start)
-                print(f"epoch {epoch + 1}/{cfg['epochs']}  step {step}/{total_steps}  loss {losses.mean().item():.4f}  "
-                      f"lr {lr_sched.get_last_lr()[0]:.2e}  {rate:.0f} img/s  "
-                      f"left {(total_steps - step) * cfg['batch_size'] / rate / 60:.1f} min", flush=True)
-                losses = []
-        # Every epoch (every tenth of a run of more than 10) saves what a resume
-        # needs and draws a grid as `sample` does, from the same noise each time;
-        # the last keeps only what sampling needs: EMA weights in fp16, 1/8 the size.
-        if (epoch + 1) % math.ceil(cfg["epochs"] / 10) and epoch + 1 < cfg["epochs"]:
-            continue
-        if epoch + 1 < cfg["epochs"]:
-            state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                         lr_scheduler=lr_sched.state_dict(), rng=gen.get_state(), epoch=epoch + 1)
-        else:
-            state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
-        if fresh and ckpt_path.exists():   # another run took the name meanwhile: never replace it
-            raise UserError(f"{ckpt_path} appeared while this run trained; not replaced: give another --ckpt")
-        atomic_save(dict(format="ddpm_mnist", config=cfg, step=step, **state), ckpt_path)
-        fresh = False
-        x = generate(ema.eval(), sched, random_labels(64, cfg, 0), choose_sampler(True, sched.T), precision=precision)
-        grid_path = ckpt_path.with_name(f"{ckpt_path.stem}_epoch{epoch + 1:02d}.png")
-        grid_image(x, nrow=8).save(grid_path)
-        print(f"saved {ckpt_path} and {grid_path}", flush=True)
-    print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
+            idx = perm[i * batch:(i + 1) * batch]                   # x_start ~ q(x_start), with its digit
+            with autocast(x_all.device, precision):
+                loss = diffusion_loss(model, x_all[idx], y_all[idx], sched, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()                                          # a gradient step on the loss
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot undo much
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, total_steps, cfg["lr"])
+            opt.step()
+            step += 1
+            ema_update(ema, model, step)
+            yield step, loss.detach()
 
 
 # -----------------------------------------------------------------------------
 # 5. Sampling: running the process backwards (DDPM)
 #
-# Ho et al. Algorithm 2: start from pure noise and step t = T-1, ..., 0,
+# Ho et al. Algorithm 2: start from pure noise and step t = T-1, ..., 0 with
+# the update of their eq. 11 (for t = 0, x_{t-1} is the clean x_start),
 #
-#     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t) + sigma_t z,
+#     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z,
 #
-# z ~ N(0, I), sigma_t^2 = beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
-# (eq. 7). This is the mean of the true posterior q(x_{t-1} | x_t, x_0) (eq.
-# 6-7) at the clean image that the predicted noise implies (eq. 15),
+# z ~ N(0, I). Its first term is the mean of the true posterior
+# q(x_{t-1} | x_t, x_start) (eq. 6-7) at the clean image that the predicted
+# noise implies (eq. 15),
 #
-#     x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t).
+#     x_start_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t).
 #
-# One addition, as in Ho et al.'s code: x0_hat is clipped to [-1, 1], and eps
-# replaced by the noise the clipped x0_hat implies. Early on x0_hat is a wild
-# guess; unclipped, it leaves a speckled, washed-out look (--no-clip). Noise
-# is drawn on the CPU from a seeded generator, then moved: a seed gives the
-# same samples on any device for a given batch size, up to floating point.
+# Algorithm 2 leaves sigma_t open; section 3.2 offers sigma_t^2 = beta_t or the
+# posterior's own variance beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+# (eq. 7). We take beta~_t: it is also what makes DDIM with eta = 1 on all T
+# steps this very sampler (section 6).
+#
+# One addition, as in Ho et al.'s code: x_start_hat is clipped to [-1, 1], and
+# eps replaced by the noise the clipped estimate implies. Early on it is a
+# wild guess; unclipped, it leaves a speckled, washed-out look (--no-clip).
+# eps_model(x_t, t) is the network with the digit y fixed (section 6 builds
+# it, with guidance). Noise is drawn on the CPU from a seeded generator, then
+# moved: a seed gives the same samples on any device, up to floating point.
 
-def predict_eps(model, x_t, t, y, guidance, precision):
-    """eps_theta(x_t, t, y), with classifier-free guidance of weight w = guidance
-    (section 6; 0 for none)."""
-    tt = torch.full((len(x_t),), t, device=x_t.device)
-    with autocast(x_t.device, precision):
-        if guidance == 0:
-            return model(x_t, tt, y).float()
-        eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                     torch.cat([y, torch.full_like(y, NULL_LABEL)])).float().chunk(2)
-    return (1 + guidance) * eps_cond - guidance * eps_uncond          # Ho & Salimans eq. 6
 
-def clip_x0(x_t, eps, ab):
-    """x0_hat (eq. 15) clipped to [-1, 1], and the noise that the clipped x0_hat implies."""
-    x0_hat = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
-    return x0_hat, (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()        # eq. 4 solved for eps
+def clip_x_start(x_t, eps, ab):
+    """x_start_hat (eq. 15) clipped to [-1, 1], and the noise that the clipped estimate implies."""
+    x_start_hat = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+    return x_start_hat, (x_t - ab.sqrt() * x_start_hat) / (1 - ab).sqrt()   # eq. 4 solved for eps
+
 
 @torch.no_grad()
-def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precision="fp32", callback=None):
-    """Ho et al. Algorithm 2, over all T steps t = T-1 down to 0."""
-    s = Schedule(*(v.to(x_T.device) for v in sched))
-    x = x_T                                                       # 1: x_T ~ N(0, I)
-    for t in reversed(range(s.T)):                                # 2: for t = T, ..., 1 (here T-1, ..., 0)
+def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
+    """Ho et al. Algorithm 2, from pure noise x, over all T steps t = T-1 down to 0."""
+    for t in reversed(range(sched.T)):                            # 1-2: from x ~ N(0, I), for t = T-1, ..., 0
         z = torch.randn(x.shape, generator=gen).to(x.device) if t > 0 else 0   # 3: z ~ N(0, I) but at the end
-        eps = predict_eps(model, x, t, y, guidance, precision)
-        if clip:                                                  #    (x0_hat kept in [-1, 1])
-            _, eps = clip_x0(x, eps, s.alphas_bar[t])
-        x = ((x - s.betas[t] / (1 - s.alphas_bar[t]).sqrt() * eps) / s.alphas[t].sqrt()
-             + s.posterior_variance[t].sqrt() * z)                # 4: x_{t-1} = ...
+        eps = eps_model(x, t)
+        if clip:                                                  #    (x_start_hat kept in [-1, 1])
+            _, eps = clip_x_start(x, eps, sched.alphas_bar[t])
+        x = ((x - sched.betas[t] / (1 - sched.alphas_bar[t]).sqrt() * eps) / sched.alphas[t].sqrt()
+             + sched.posterior_variance[t].sqrt() * z)            # 4: x_{t-1} = ...
         if callback:
             callback(x)
-    return x                                                      # 6: return x_0
+    return x                                                      # 6: return x_start
 
 
 # -----------------------------------------------------------------------------
 # 6. Faster sampling, guidance, and which digit to draw
 #
 # DDIM (Song et al. 2021, eq. 12, whose alpha is our alpha_bar) reuses the
-# trained network with a process that can skip steps: on S evenly spaced
-# timesteps, t' the next one down,
+# trained network with a process that can skip steps: on a few timesteps,
+# from high t to 0, with t' the next one down (x_start after t = 0, alpha_bar 1),
 #
-#     x_{t'} = sqrt(alpha_bar_{t'}) x0_hat + sqrt(1 - alpha_bar_{t'} - sigma^2) eps_theta + sigma z,
+#     x_{t'} = sqrt(alpha_bar_{t'}) x_start_hat + sqrt(1 - alpha_bar_{t'} - sigma^2) eps_theta + sigma z,
 #     sigma  = eta sqrt((1 - alpha_bar_{t'}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t'}).
 #
-# eta = 0 is deterministic, and in practice 20 steps come close to DDPM's
-# 1000 (Song et al. section 5); eta = 1 with all T steps is DDPM exactly.
+# eta = 0 is deterministic, and 20 steps approach DDPM's 1000 (Song et al.
+# section 5); eta = 1 on all T steps is DDPM exactly.
 #
 # Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
 # the label and with "no label", and extrapolates away from the latter:
@@ -557,35 +442,102 @@ def ddpm_sample(model, sched, x_T, y, guidance=0.0, clip=True, gen=None, precisi
 #     eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, none).
 #
 # A larger w gives more typical, more clearly-that-digit samples, at some cost
-# in variety. With no digit asked for: p(x) = sum_y p(y) p(x | y), so draw y
-# from MNIST's digit frequencies, then a sample of it, sharpened by guidance
-# (as Dhariwal & Nichol 2021 and Karras et al. 2022 sample their class-
-# conditional models). The network's own unconditional model saw a fifth of
-# the training and draws worse digits; --uncond shows it, with DDIM at
-# eta = 1, whose fresh noise at every step corrects some of its mistakes.
+# in variety. With no digit asked for, p(x) = sum_y p(y) p(x | y): draw a
+# digit per sample, then a sample of it, sharpened by guidance. Dhariwal &
+# Nichol 2021 and Karras et al. 2022 also draw a label per sample, uniformly;
+# this file draws with MNIST's own digit frequencies, so that p(y) is the
+# data's. The network's own unconditional model saw a fifth of the training
+# and draws worse digits; --uncond shows it, with DDIM at eta = 1, whose fresh
+# noise at every step corrects some of its mistakes.
+
+
+def guided(model, y, w, precision):
+    """eps_model(x_t, t) for the digits y: the network with classifier-free
+    guidance of weight w (0: none; y = NULL_LABEL: the unconditional model)."""
+    def eps_model(x_t, t):
+        t = torch.full((len(x_t),), t, device=x_t.device)
+        with autocast(x_t.device, precision):
+            if w == 0:
+                return model(x_t, t, y).float()
+            eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                         torch.cat([y, torch.full_like(y, NULL_LABEL)])).float().chunk(2)
+        return (1 + w) * eps_cond - w * eps_uncond                # Ho & Salimans eq. 6
+    return eps_model
+
+
+def ddim_timesteps(T, steps):
+    """`steps` timesteps evenly spaced from T-1 down to 0."""
+    return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
 
 @torch.no_grad()
-def ddim_sample(model, sched, x_T, y, steps, eta=0.0, guidance=0.0, clip=True, gen=None,
-                precision="fp32", callback=None):
-    """Song et al. eq. 12 on S evenly spaced timesteps."""
-    ab_all = sched.alphas_bar.to(x_T.device)
-    ts = torch.linspace(sched.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()   # T-1, ..., 0
-    x = x_T
+def ddim_sample(eps_model, sched, x, ts, eta=0.0, clip=True, gen=None, callback=None):
+    """Song et al. eq. 12 from pure noise x, on the descending timesteps ts."""
     for i, t in enumerate(ts):
-        t_next = ts[i + 1] if i + 1 < len(ts) else -1       # after t = 0: "t = -1", the clean image
-        ab = ab_all[t]
-        ab_next = ab_all[t_next] if t_next >= 0 else torch.ones_like(ab)
-        eps = predict_eps(model, x, t, y, guidance, precision)
-        x0_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()      # eq. 15
-        if clip:                                              # as in DDPM, so that eta = 1 equals it
-            x0_hat, eps = clip_x0(x, eps, ab)
-        sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).sqrt()                 # eq. 16
-        x = ab_next.sqrt() * x0_hat + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps   # eq. 12
-        if eta > 0 and t_next >= 0:
+        ab = sched.alphas_bar[t]
+        ab_next = sched.alphas_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)   # 1: x_start
+        eps = eps_model(x, t)
+        x_start_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()     # eq. 15
+        if clip:                                                  # as in DDPM, so that eta = 1 equals it
+            x_start_hat, eps = clip_x_start(x, eps, ab)
+        sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).sqrt()                      # eq. 16
+        x = ab_next.sqrt() * x_start_hat + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps   # eq. 12
+        if eta > 0 and i + 1 < len(ts):
             x = x + sigma * torch.randn(x.shape, generator=gen).to(x.device)
         if callback:
             callback(x)
     return x
+
+
+# How often each digit occurs among MNIST's 60,000 training images: p(y).
+MNIST_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+
+
+def random_digits(n, seed, digit=None):
+    """n digits drawn from p(y), MNIST's frequencies; all `digit` for a model trained on one."""
+    counts = torch.tensor(MNIST_COUNTS, dtype=torch.float)
+    if digit is not None:
+        counts = F.one_hot(torch.tensor(digit), NUM_CLASSES).float()
+    return torch.multinomial(counts, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# 7. Running the method: device, precision, and the sampler's settings
+#
+# From here on, what a run needs around the method; a first read can skip it.
+# `--device auto` takes CUDA, then Apple's MPS, then the CPU. `--precision
+# auto` runs the network in bf16 where the hardware has bf16 units, deciding
+# by the hardware alone, never by a timing: a command picks the same precision
+# however busy the machine is, and repeats exactly. `generate` draws any
+# number of samples in batches, from one seeded generator.
+
+
+def pick_precision(name, device):
+    """(precision, why) for --precision `name` on `device`."""
+    if name != "auto":
+        return name, "--precision"
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] >= 8:
+            return "bf16", "auto: the GPU has bf16 tensor cores"
+        return "fp32", "auto: the GPU predates bf16 tensor cores"
+    if device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)()   # private: if they move, fp32
+                                    for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
+        return "bf16", "auto: this CPU has bf16 instructions, AVX512-BF16 or AMX"
+    return "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
+
+
+def setup_device(name, precision):
+    """(device, precision, why) for --device and --precision. On CUDA it also
+    lets what stays in fp32 use TF32 tensor cores, where the GPU has them."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name != "cpu" and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
+        raise UserError(f"--device {name}: PyTorch sees no such device here")   # never silently the CPU
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return (device, *pick_precision(precision, device))
+
 
 class Sampler(NamedTuple):
     name: str          # "ddim" or "ddpm"
@@ -597,6 +549,7 @@ class Sampler(NamedTuple):
     def __str__(self):   # e.g. "DDIM 20 steps, eta 0, guidance 0.5"
         return (f"{self.name.upper()} {self.steps} steps" + (f", eta {self.eta:g}" if self.name == "ddim" else "")
                 + (f", guidance {self.guidance:g}" if self.guidance else ""))
+
 
 def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=None, clip=True):
     """The sampling defaults, decided here only: DDIM in STEPS steps, guided and
@@ -613,37 +566,30 @@ def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=None, 
         raise UserError(f"--eta {eta}: must be between 0 and 1")
     if not 1 <= steps <= T:
         raise UserError(f"--steps {steps}: this model takes 1 to T = {T} steps")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise UserError(f"--guidance {guidance}: must be a number, 0 or more")
+    if not 0 <= guidance <= 100:   # also refuses nan
+        raise UserError(f"--guidance {guidance}: must be a number from 0 to 100")
     return Sampler(name, steps, eta, guidance, clip)
 
-# How often each digit occurs among MNIST's 60,000 training images: p(y).
-MNIST_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
-
-def random_labels(n, cfg, seed):
-    """n digits drawn from p(y): MNIST's frequencies, or the one digit that a
-    model trained with --digit knows."""
-    counts = torch.tensor(MNIST_COUNTS, dtype=torch.float)
-    if cfg.get("digit") is not None:
-        counts = F.one_hot(torch.tensor(cfg["digit"]), NUM_CLASSES).float()
-    return torch.multinomial(counts, n, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="fp32", callback=None):
     """Draw len(labels) images in batches (label NULL_LABEL: "no label"); a CPU
     tensor in [-1, 1]. `callback(x_t)` sees the first batch after every step."""
-    device, s = next(model.parameters()).device, sampler
+    device = next(model.parameters()).device
+    sched = sched.to(device)
     gen = torch.Generator().manual_seed(seed)   # one for the whole run: a seed fixes every sample
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
-        x_T = torch.randn((len(y), 1, 28, 28), generator=gen).to(device)
+        x = torch.randn((len(y), 1, 28, 28), generator=gen).to(device)   # pure noise
         cb = callback if start == 0 else None
         if cb:
-            cb(x_T)
-        if s.name == "ddpm":
-            x = ddpm_sample(model, sched, x_T, y, s.guidance, s.clip, gen, precision, cb)
+            cb(x)
+        eps_model = guided(model, y, sampler.guidance, precision)
+        if sampler.name == "ddpm":
+            x = ddpm_sample(eps_model, sched, x, sampler.clip, gen, cb)
         else:
-            x = ddim_sample(model, sched, x_T, y, s.steps, s.eta, s.guidance, s.clip, gen, precision, cb)
+            ts = ddim_timesteps(sched.T, sampler.steps)
+            x = ddim_sample(eps_model, sched, x, ts, sampler.eta, sampler.clip, gen, cb)
         if not torch.isfinite(x).all():   # would be a black picture, or a failure inside the FID
             raise UserError("some samples came out NaN or infinite: the model or its sampling diverged")
         out.append(x.clamp(-1, 1).cpu())
@@ -651,12 +597,97 @@ def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="f
 
 
 # -----------------------------------------------------------------------------
-# 7. Pictures: grids, each sample as a PNG, the forward process, and the
-# reverse process as a strip of snapshots or a GIF, in 8-bit grayscale.
+# 8. Checkpoints
+#
+# A checkpoint is a dict of plain data: the run's config, the step, the EMA
+# weights and, until the run ends, what a resume needs. It is written to a
+# temporary file and renamed, so a save that dies halfway leaves the previous
+# one whole, and read with weights_only, so a file can never run code. Its
+# config is checked before anything else is done with it.
+
+
+def is_int(v, lo, hi):
+    return type(v) is int and lo <= v <= hi
+
+
+CONFIG_RULES = {   # what each value of a run's config must be, and how to say it
+    "channels": (lambda v: type(v) is list and 1 <= len(v) <= 3 and all(is_int(c, 8, 4096) and c % 8 == 0 for c in v),
+                 "1 to 3 widths (28 pixels halve to 14 and 7, no further), each a multiple of 8 up to 4096"),
+    "schedule": (lambda v: v in ("cosine", "linear"), "cosine or linear"),
+    "timesteps": (lambda v: is_int(v, 2, 100_000), "from 2 to 100,000"),
+    "epochs": (lambda v: v is None or is_int(v, 1, 1_000_000), "at least 1"),
+    "batch_size": (lambda v: is_int(v, 1, 1_000_000), "at least 1"),
+    "lr": (lambda v: type(v) is float and 0 < v <= 1, "a number above 0, at most 1"),
+    "seed": (lambda v: is_int(v, 0, 2 ** 63 - 1), "from 0 to 2^63 - 1"),
+    "digit": (lambda v: v is None or is_int(v, 0, 9), "0 to 9"),
+    "limit": (lambda v: v is None or is_int(v, 1, 10 ** 9), "at least 1"),
+}
+
+
+def config_problem(cfg):
+    """What is wrong with a run's config, as a flag and what it takes; None if nothing."""
+    if not isinstance(cfg, dict):
+        return "it is not a dict"
+    for key, (ok, need) in CONFIG_RULES.items():
+        if key not in cfg or not ok(cfg[key]):
+            flag = f"--{key.replace('_', '-')}"
+            return f"{flag} {cfg[key]}: use {need}" if key in cfg else f"{flag} is missing"
+    return None
+
+
+def atomic_save(obj, path):
+    """Write a temporary file beside `path` (a name no other process uses), then
+    rename it over `path`: a save that dies halfway leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, resume=False):
+    """A checkpoint as plain data, and the U-Net it describes, with its EMA weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: train one with 'python ddpm_mnist.py train' or pass --ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "ddpm_mnist" or "ema" not in ckpt:
+        raise UserError(f"{path} is not a ddpm_mnist checkpoint")
+    if problem := config_problem(ckpt.get("config")):
+        raise UserError(f"{path}: its config is damaged ({problem})")
+    missing = [k for k in ("model", "optimizer", "rng", "step") if k not in ckpt]
+    if resume and "optimizer" in ckpt and missing:
+        raise UserError(f"{path}: it lacks {', '.join(missing)} to resume from; the file is damaged")
+    try:
+        model = UNet(ckpt["config"]["channels"])
+        model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"{path}: its weights do not fit the U-Net its config describes; "
+                        "the file is damaged or from another version") from None
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):   # black pictures, a broken FID
+        raise UserError(f"{path}: some of its weights are NaN or infinite; the file is damaged")
+    return ckpt, model
+
+
+# -----------------------------------------------------------------------------
+# 9. Pictures: grids, each sample as a PNG, and the reverse process as a GIF,
+# in 8-bit grayscale. A folder is made only when its first file is written.
+
 
 def to_uint8(x):
     # Clamped, since a cast to uint8 wraps (256 -> 0); rounded, since truncating darkens.
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
 
 def grid_image(x, nrow):
     """[N, 1, 28, 28] in [-1, 1] -> a PIL grayscale grid, `nrow` images per row."""
@@ -664,22 +695,29 @@ def grid_image(x, nrow):
     # White gutters: black ones would merge the white-on-black digits' tiles.
     return Image.fromarray(make_grid(to_uint8(x.cpu()), nrow=nrow, padding=2, pad_value=255)[0].numpy())
 
+
+def save_image(image, path, **options):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+
+
 def save_each(x, out_dir):
     """Every image as its own grayscale PNG: DIR/00000.png, DIR/00001.png, ..."""
     for i, img in enumerate(to_uint8(x)):
-        Image.fromarray(img[0].numpy()).save(Path(out_dir) / f"{i:05d}.png")
+        save_image(Image.fromarray(img[0].numpy()), Path(out_dir) / f"{i:05d}.png")
     print(f"wrote {len(x)} PNGs to {out_dir}/")
+
 
 def save_gif(frames, path, nrow, count=60, ms=80, hold_ms=2000):
     """The reverse process animated, resting on the final grid; `count` frames at most (DDPM has 1000)."""
     picks = torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long().tolist()
     images = [grid_image(frames[j], nrow) for j in picks]
-    images[0].save(path, save_all=True, append_images=images[1:], loop=0,
-                   duration=[ms] * (len(images) - 1) + [hold_ms])
+    save_image(images[0], path, save_all=True, append_images=images[1:], loop=0,
+               duration=[ms] * (len(images) - 1) + [hold_ms])
 
 
 # -----------------------------------------------------------------------------
-# 8. Evaluation: how good are the samples?
+# 10. Evaluation: how good are the samples?
 #
 # The Frechet Inception Distance (Heusel et al. 2017) fits a Gaussian to the
 # features of real and of generated images and measures their distance,
@@ -692,6 +730,7 @@ def save_gif(frames, path, nrow, count=60, ms=80, hold_ms=2000):
 # other and with the "floor", as many real training images scored the same
 # way (FID is biased upwards for small n), real images of the same digits
 # where the samples have labels. The classifier also tells each sample's digit.
+
 
 class Classifier(nn.Module):
     def __init__(self):
@@ -706,6 +745,7 @@ class Classifier(nn.Module):
     def forward(self, x):
         return self.head(self.body(x))
 
+
 @torch.no_grad()
 def classify(clf, x, batch_size=1000):
     """Features [N, 128] (float64, on the CPU) and predicted digits [N]."""
@@ -713,6 +753,7 @@ def classify(clf, x, batch_size=1000):
     # To the CPU before float64: Apple's GPUs have no float64.
     feats = torch.cat([clf.body(x[i:i + batch_size].to(dev)).cpu().double() for i in range(0, len(x), batch_size)])
     return feats, clf.head(feats.float().to(dev)).argmax(1).cpu()
+
 
 def load_or_train_classifier(path, data_dir, device, precision, epochs=3, batch_size=128, seed=0):
     """The classifier cached at `path` (weights_only), or a new one: MNIST, shifted up to 2 pixels."""
@@ -748,16 +789,19 @@ def load_or_train_classifier(path, data_dir, device, precision, epochs=3, batch_
     atomic_save({"classifier": clf.state_dict()}, path)
     return clf.eval()
 
+
 def fid(feats_a, feats_b):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (it subtracts large
-    traces), with tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)), whose
-    inner matrix is symmetric: symmetric eigendecompositions are all it takes."""
-    mu1, mu2 = feats_a.double().mean(0), feats_b.double().mean(0)               # mu_r, mu_g
-    cov1, cov2 = torch.cov(feats_a.double().T), torch.cov(feats_b.double().T)   # S_r, S_g
-    w, v = torch.linalg.eigh(cov1)
-    s1 = (v * w.clamp(min=0).sqrt()) @ v.T                            # S1^(1/2)
-    eig = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0)          # their square roots sum to the trace
-    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * eig.sqrt().sum())
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), symmetric in a and b, in
+    float64 (it subtracts large traces), with tr((S_a S_b)^(1/2)) = tr((S_a^(1/2)
+    S_b S_a^(1/2))^(1/2)), whose inner matrix is symmetric: symmetric
+    eigendecompositions are all it takes."""
+    mu_a, mu_b = feats_a.double().mean(0), feats_b.double().mean(0)
+    cov_a, cov_b = torch.cov(feats_a.double().T), torch.cov(feats_b.double().T)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T                       # S_a^(1/2)
+    eig = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0)   # their square roots sum to the trace
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum())
+
 
 def same_digits(y_real, labels, gen):
     """Random real images with the digits of `labels`: as many 0s as it has, ... (fewer if MNIST runs out)."""
@@ -767,27 +811,134 @@ def same_digits(y_real, labels, gen):
 
 
 # -----------------------------------------------------------------------------
-# 9. The command line. Every user mistake (a missing file, a digit that is not
-# a digit, an output that cannot be written) is one line and a failing exit,
-# never a traceback, and is found before the work starts, not after it.
+# 11. The command line
+#
+# A user's mistake (a missing file, a digit that is not a digit, an output
+# that cannot be written, flags that contradict each other) is one line and a
+# failing exit, never a traceback, found before the work starts. Two can only
+# be found while it runs: a loss that turns NaN, and a run that appears at
+# --ckpt meanwhile; both stop it before anything is overwritten.
 
-def check_out(path, flag, image=False):
-    """Fail now, not after an hour of work, if file `path` cannot be written."""
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+MAX_SAMPLES = 50_000   # --n; evaluate's floor needs as many real images of each digit
+
+
+def check_writable(path, flag, image=False):
+    """Fail now, not after an hour of work, if file `path` could not be written; creates nothing."""
     if path is None:
         return None
     path = Path(path)
-    if image and path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"):
+    if image and path.suffix.lower() not in IMAGE_TYPES:
         raise UserError(f"{flag} {path}: not a kind of image that can be written; use .png")
-    if path.is_dir() or any(p.is_file() for p in path.parents):
-        raise UserError(f"{flag} {path}: {'it is a folder' if path.is_dir() else 'a folder on its way is a file'}")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: it is a folder")
+    if not (folder := next(p for p in path.parents if p.exists())).is_dir():   # the nearest one that is there
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
     return path
 
+
+def check_range(value, lo, hi, flag):
+    if not lo <= value <= hi:
+        raise UserError(f"{flag} {value}: must be {lo:,} to {hi:,}")
+
+
+def epoch_grid(ckpt_path, epoch):
+    return ckpt_path.with_name(f"{ckpt_path.stem}_epoch{epoch:02d}.png")
+
+
+def run_config(args, ckpt_path):
+    """The config of the run: a resumed run's own, or the defaults with the flags given."""
+    given = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
+    if not args.resume:
+        if ckpt_path.exists():   # it may be hours of work: never replaced unasked
+            raise UserError(f"{ckpt_path} exists: continue it with --resume, or give another --ckpt")
+        cfg = {**TRAIN, **given}
+        if problem := config_problem(cfg):
+            raise UserError(problem)
+        return cfg, None
+    ckpt, _ = load_checkpoint(ckpt_path, resume=True)
+    cfg = ckpt["config"]
+    clashes = [f"--{k.replace('_', '-')} {v} (it has {cfg.get(k)})" for k, v in given.items() if cfg.get(k) != v]
+    if clashes:   # a flag that contradicts the run is refused rather than ignored
+        raise UserError(f"--resume continues {ckpt_path} with its own config, but you gave "
+                        f"{', '.join(clashes)}; drop those flags, or start a new run with another --ckpt")
+    return cfg, ckpt
+
+
+def cmd_train(args):
+    ckpt_path = check_writable(args.ckpt, "--ckpt")
+    check_writable(epoch_grid(ckpt_path, 1), "--ckpt (its grids)", image=True)
+    cfg, ckpt = run_config(args, ckpt_path)
+    if ckpt and "optimizer" not in ckpt:
+        return print(f"{ckpt_path} is a finished run: nothing to resume")
+    device, precision, why = setup_device(args.device, args.precision)
+    torch.manual_seed(cfg["seed"])                       # the initial weights
+    model = UNet(cfg["channels"]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)   # no decay: Adam, in effect
+    gen = torch.Generator().manual_seed(cfg["seed"])     # every random draw of training
+    step = 0
+    if ckpt:
+        try:
+            for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (gen, "rng")):
+                obj.set_state(ckpt[key]) if key == "rng" else obj.load_state_dict(ckpt[key])
+            step = ckpt["step"]
+        except (RuntimeError, TypeError, ValueError, KeyError):
+            raise UserError(f"{ckpt_path}: its training state is damaged; it cannot be resumed") from None
+        print(f"resuming {ckpt_path} at step {step}")
+    for stale in [p for p in ckpt_path.parent.glob("*.tmp") if p.name.startswith(ckpt_path.name + ".")]:
+        stale.unlink()                                   # left by a save that was killed
+
+    x_all, y_all = load_mnist(args.data_dir, True, cfg["digit"], cfg["limit"])
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    cfg["epochs"] = cfg["epochs"] or math.ceil(TRAIN_IMAGES / len(x_all))   # steps matter more than epochs
+    sched = make_schedule(cfg["schedule"], cfg["timesteps"]).to(device)
+    steps_per_epoch = math.ceil(len(x_all) / cfg["batch_size"])
+    total_steps = cfg["epochs"] * steps_per_epoch
+    save_every = math.ceil(cfg["epochs"] / 10) * steps_per_epoch   # every epoch, or every tenth of a long run
+    print(f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {len(x_all):,} images | "
+          f"{device} {precision} ({why}) | {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']}")
+    t_start, last_print, first, losses, saved = time.time(), 0.0, step, [], ckpt is not None
+    for step, loss in train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step):
+        losses.append(loss)
+        if time.time() - t_start - last_print > 10 or step % steps_per_epoch == 0:
+            # The losses since the last line, read in one go: a NaN stops the
+            # run before a checkpoint could save the weights it poisoned.
+            losses = torch.stack(losses)
+            if len(bad := (~torch.isfinite(losses)).nonzero()):
+                where = f"the last good checkpoint is {ckpt_path}" if saved else "no checkpoint was saved"
+                raise UserError(f"the loss became {losses[int(bad[0])].item()} at step "
+                                f"{step - len(losses) + int(bad[0]) + 1}; try a lower --lr ({where})")
+            last_print, rate = time.time() - t_start, (step - first) * cfg["batch_size"] / (time.time() - t_start)
+            print(f"epoch {math.ceil(step / steps_per_epoch)}/{cfg['epochs']}  step {step}/{total_steps}  "
+                  f"loss {losses.mean().item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  "
+                  f"left {(total_steps - step) * cfg['batch_size'] / rate / 60:.1f} min", flush=True)
+            losses = []
+        if step % save_every and step < total_steps:
+            continue
+        # What a resume needs; the last save keeps only what sampling needs, the
+        # EMA weights in fp16, 1/8 the size. Then a grid, drawn as `sample` does.
+        if step < total_steps:
+            state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=gen.get_state())
+        else:
+            state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
+        if not saved and ckpt_path.exists():   # another run took the name meanwhile: never replace it
+            raise UserError(f"{ckpt_path} appeared while this run trained; not replaced: give another --ckpt")
+        atomic_save(dict(format="ddpm_mnist", config=cfg, step=step, **state), ckpt_path)
+        saved = True
+        x = generate(ema.eval(), sched, random_digits(64, 0, cfg["digit"]), choose_sampler(True, sched.T),
+                     precision=precision)
+        save_image(grid_image(x, nrow=8), grid := epoch_grid(ckpt_path, step // steps_per_epoch))
+        print(f"saved {ckpt_path} and {grid}", flush=True)
+    print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
+
+
 PROMPTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", *"0123456789")
+
 
 def parse_prompt(text):
     """'7', 'seven', ' SEVEN ' -> 7; anything else is a UserError."""
@@ -795,63 +946,79 @@ def parse_prompt(text):
         return PROMPTS.index(text.strip().lower()) % 10
     raise UserError(f"unknown prompt {text.strip()!r}: use a digit 0-9 or a number word, zero to nine")
 
+
 def load_model(args, labelled):
     """The model (--ckpt, else ./ddpm_mnist.pt, else the shipped one), config, schedule, sampler, precision."""
+    check_range(args.seed, 0, 2 ** 63 - 1, "--seed")
+    if args.batch_size is not None:
+        check_range(args.batch_size, 1, 100_000, "--batch-size")
     path = Path(args.ckpt or (CKPT if Path(CKPT).is_file() else SHIPPED))
     ckpt, model = load_checkpoint(path)
     sched = make_schedule(ckpt["config"]["schedule"], ckpt["config"]["timesteps"])
     sampler = choose_sampler(labelled, sched.T, args.sampler, args.steps, args.eta, args.guidance, not args.no_clip)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    device = pick_device(args.device)
-    precision, why = pick_precision(args.precision, device)
+    device, precision, why = setup_device(args.device, args.precision)
     args.batch_size = args.batch_size or (100 if device.type == "cpu" else 1000)   # a GPU wants big batches
     print(f"checkpoint: {path} (trained {ckpt.get('step', '?')} steps) | {device} {precision} ({why})")
     return model.to(device).eval(), sched, ckpt["config"], sampler, precision
 
+
 def cmd_sample(args):
-    if args.n < 1 or (args.per_class is not None and args.per_class < 1):
-        raise UserError("--n and --per-class must be at least 1")
+    if args.per_class is not None:
+        if args.n is not None:
+            raise UserError("--per-class K draws 10 K samples: drop --n")
+        check_range(args.per_class, 1, MAX_SAMPLES // 10, "--per-class")
+    n = 64 if args.n is None else args.n
+    check_range(n, 1, MAX_SAMPLES, "--n")
     digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
     out = Path(args.out or ("samples/prompt_{digit}.png" if args.interactive else "sample.png"))
-    if args.interactive and "{digit}" not in str(out) and out.suffix:   # a grid per prompt: the digit in the name
-        out = out.with_name(out.stem + "_{digit}" + out.suffix)
-    if args.interactive and (args.gif or args.trajectory or args.out_dir):
-        raise UserError("--interactive writes one grid per prompt: drop --gif, --trajectory and --out-dir")
+    if args.interactive:
+        if args.gif or args.trajectory or args.out_dir:
+            raise UserError("--interactive writes one grid per prompt: drop --gif, --trajectory and --out-dir")
+        if "{digit}" in str(out.parent):
+            raise UserError(f"--out {out}: {{digit}} belongs in the file name, not in a folder")
+        if "{digit}" not in out.name:   # a grid per prompt: the digit in the name
+            out = out.with_name(out.stem + "_{digit}" + out.suffix)
+        if sys.stdin is None or sys.stdin.closed:
+            raise UserError("--interactive reads prompts from standard input, which is closed")
+    elif "{digit}" in str(out):
+        raise UserError(f"--out {out}: {{digit}} is filled in only with --interactive")
     if args.gif and not args.gif.lower().endswith(".gif"):
         raise UserError(f"--gif {args.gif}: the file name must end in .gif")
-    for path, flag in ((str(out).replace("{digit}", "0"), "--out"), (args.trajectory, "--trajectory"), (args.gif, "--gif"),
-                       (args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir")):
-        check_out(path, flag, image=True)
+    files = {"--out": Path(str(out).replace("{digit}", "0")), "--trajectory": args.trajectory, "--gif": args.gif}
+    for flag, path in (*files.items(), ("--out-dir", args.out_dir and Path(args.out_dir) / "00000.png")):
+        check_writable(path, flag, image=True)
+    if len(given := [Path(p).resolve() for p in files.values() if p]) > len(set(given)):
+        raise UserError("--out, --trajectory and --gif each need a file of their own")
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
     run = dict(seed=args.seed, batch_size=args.batch_size, precision=precision)
     if args.interactive:
-        return interactive(model, sched, sampler, str(out), args.n, run)
+        return interactive(model, sched, sampler, str(out), n, run)
     if args.per_class:
         labels, what = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class), f"{args.per_class} per digit"
     elif digit is not None:
-        labels, what = torch.full((args.n,), digit), f"digit {digit}"
+        labels, what = torch.full((n,), digit), f"digit {digit}"
     elif args.uncond:
-        labels, what = torch.full((args.n,), NULL_LABEL), "the unconditional model"
+        labels, what = torch.full((n,), NULL_LABEL), "the unconditional model"
     else:
-        labels, what = random_labels(args.n, cfg, args.seed), "random digits, drawn with MNIST's frequencies"
-    nrow = args.per_class or math.ceil(math.sqrt(args.n))
+        labels, what = random_digits(n, args.seed, cfg["digit"]), "random digits, drawn with MNIST's frequencies"
+    nrow = args.per_class or math.ceil(math.sqrt(n))
     frames = []   # every x_t of the first batch (at most 64 images), for --trajectory and --gif
     keep = (lambda x_t: frames.append(x_t[:64].clamp(-1, 1).cpu())) if args.trajectory or args.gif else None
     t0 = time.time()
     x = generate(model, sched, labels, sampler, **run, callback=keep)
     print(f"{len(x)} samples ({what}; {sampler}) in {time.time() - t0:.1f} s")
-    grid_image(x, nrow).save(out)
+    save_image(grid_image(x, nrow), out)
     print(f"wrote {out}")
     if args.out_dir:
         save_each(x, args.out_dir)
     if args.trajectory:   # a row per sample (8 at most), 10 snapshots from noise to digit
         picks = torch.linspace(0, len(frames) - 1, 10).round().long().tolist()
-        grid_image(torch.stack([frames[j][:8] for j in picks], dim=1).flatten(0, 1), nrow=10).save(args.trajectory)
+        save_image(grid_image(torch.stack([frames[j][:8] for j in picks], dim=1).flatten(0, 1), nrow=10), args.trajectory)
         print(f"wrote {args.trajectory}")
     if args.gif:
         save_gif(frames, args.gif, nrow=min(nrow, len(frames[0])))
         print(f"wrote {args.gif}")
+
 
 def interactive(model, sched, sampler, pattern, n, run):
     """A grid per line of stdin until an empty line; a bad word is reported and skipped."""
@@ -865,28 +1032,29 @@ def interactive(model, sched, sampler, pattern, n, run):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        grid_image(generate(model, sched, torch.full((n,), digit), sampler, **run), math.ceil(math.sqrt(n))).save(path)
+        save_image(grid_image(generate(model, sched, torch.full((n,), digit), sampler, **run), math.ceil(math.sqrt(n))), path)
         print(path, flush=True)
 
+
 def cmd_forward(args):
-    if not 1 <= args.n <= 64 or args.timesteps < 2:
-        raise UserError("--n must be 1 to 64, and --timesteps at least 2")
-    out = check_out(args.out, "--out", image=True)
+    check_range(args.n, 1, 64, "--n")
+    check_range(args.timesteps, 2, 100_000, "--timesteps")
+    out = check_writable(args.out, "--out", image=True)
     # Rows of x_t at 11 t from 0 to T-1, the linear schedule's above the cosine
     # one's, with the same noise: they differ only in how fast alpha_bar falls.
-    x0 = load_mnist(args.data_dir, limit=args.n)[0]
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    x_start = load_mnist(args.data_dir, limit=args.n)[0]
+    eps = torch.randn(x_start.shape, generator=torch.Generator().manual_seed(0))
     ts = torch.linspace(0, args.timesteps - 1, 11).round().long()
-    rows = [torch.cat([q_sample(x0[i:i + 1], ts, eps[i:i + 1], make_schedule(name, args.timesteps).alphas_bar)
-                       for i in range(len(x0))]) for name in ("linear", "cosine")]
-    grid_image(torch.cat([rows[0], torch.ones(11, 1, 28, 28), rows[1]]), nrow=11).save(out)   # white row between
+    rows = [torch.cat([q_sample(x_start[i:i + 1], ts, eps[i:i + 1], make_schedule(name, args.timesteps).alphas_bar)
+                       for i in range(len(x_start))]) for name in ("linear", "cosine")]
+    save_image(grid_image(torch.cat([rows[0], torch.ones(11, 1, 28, 28), rows[1]]), nrow=11), out)   # white row between
     print(f"wrote {out} (t = {', '.join(map(str, ts.tolist()))})")
 
+
 def cmd_evaluate(args):
-    if args.n < 2:
-        raise UserError("--n must be at least 2 (FID needs a covariance)")
-    check_out(args.classifier, "--classifier")
-    check_out(args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir", image=True)
+    check_range(args.n, 2, MAX_SAMPLES, "--n")   # FID needs a covariance
+    check_writable(args.classifier, "--classifier")
+    check_writable(args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir", image=True)
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
     device = next(model.parameters()).device
     # 1. the judge: a classifier, and the features of the real test images
@@ -900,7 +1068,7 @@ def cmd_evaluate(args):
     elif args.uncond:
         labels, what = torch.full((args.n,), NULL_LABEL), "the unconditional model"
     else:
-        labels, what = random_labels(args.n, cfg, args.seed), "random digits"
+        labels, what = random_digits(args.n, args.seed, cfg["digit"]), "random digits"
     # 3. the floor: real training images (the test images would score 0)
     x_real, y_real = load_mnist(args.data_dir, train=True)
     gen = torch.Generator().manual_seed(args.seed)
@@ -924,12 +1092,15 @@ def cmd_evaluate(args):
     if args.out_dir:
         save_each(x, args.out_dir)
 
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):   # one line, without the usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+
 def widths(text):   # "32,64,128" -> [32, 64, 128]; argparse reports a ValueError in one line
     return [int(c) for c in text.split(",")]
+
 
 def build_parser():
     p = Parser(prog="ddpm_mnist.py", description="A denoising diffusion model on MNIST, in one file.")
@@ -942,7 +1113,7 @@ def build_parser():
     t.add_argument("--ckpt", default=CKPT, help="the checkpoint, written after every epoch")
     t.add_argument("--resume", action="store_true", help="continue --ckpt with its own config")
     s = sub.add_parser("sample", help="draw digits from a trained model")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=int, help="how many samples (default 64)")
     s.add_argument("--out", help="the grid (default sample.png; samples/prompt_{digit}.png with --interactive)")
     s.add_argument("--trajectory", metavar="FILE.png", help="also draw the reverse process")
     s.add_argument("--gif", metavar="FILE.gif", help="also animate the reverse process")
@@ -961,7 +1132,7 @@ def build_parser():
         sp.add_argument("--steps", type=int, help=f"DDIM steps, 1..T (default {STEPS})")
         sp.add_argument("--eta", type=float, help="DDIM's noise, 0..1 (default 0; 1 with --uncond)")
         sp.add_argument("--guidance", type=float, help=f"classifier-free guidance w (default {GUIDANCE})")
-        sp.add_argument("--no-clip", action="store_true", help="do not clip the x0 estimate to [-1, 1]")
+        sp.add_argument("--no-clip", action="store_true", help="do not clip the x_start estimate to [-1, 1]")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--batch-size", type=int, help="default 100 on a CPU, 1000 on a GPU")
         sp.add_argument("--out-dir", help="also write every sample as DIR/00000.png, ...")
@@ -980,19 +1151,25 @@ def build_parser():
                         help="auto: bf16 where the GPU or CPU has bf16 units, else fp32")
     return p
 
+
 def main(argv=None):
     # argv is a parameter so the tests can drive the real CLI in-process. A
     # UserError is the user's to fix: one line, exit 1. Anything else is a bug
     # in this file and keeps its traceback, which is what a bug report needs.
     args = build_parser().parse_args(argv)
     try:
-        dict(train=train, sample=cmd_sample, forward=cmd_forward, evaluate=cmd_evaluate)[args.command](args)
+        dict(train=cmd_train, sample=cmd_sample, forward=cmd_forward, evaluate=cmd_evaluate)[args.command](args)
+        sys.stdout.flush()   # here, so that a reader who left (`| head`) is noticed inside the try
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:   # the reader of our output left: stop quietly, and silence the final flush
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

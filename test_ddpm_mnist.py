@@ -73,8 +73,8 @@ def tiny_model():
 
 def exact_gaussian_eps(alphas_bar, sd):
     """The exact noise predictor E[eps | x_t] for data N(0, sd^2 I): sqrt(1 - ab) x_t / (ab sd^2 + 1 - ab)."""
-    def eps(x, t, y):
-        ab = alphas_bar.double()[t].view(-1, 1, 1, 1)
+    def eps(x, t):
+        ab = alphas_bar.double()[t]
         return ((1 - ab).sqrt() * x / (ab * sd ** 2 + 1 - ab)).float()
     return eps
 
@@ -94,6 +94,15 @@ def test_load_mnist_range_digit_and_limit(mnist_dir):
     assert x.shape == (256, 1, 28, 28) and x.min() == -1 and x.max() == 1
     ones, y1 = D.load_mnist(mnist_dir, digit=1, limit=5)
     assert (y1 == 1).all() and torch.equal(ones, D.load_mnist(mnist_dir, digit=1)[0][:5])   # the first 5 ones
+
+def test_mnist_files_that_disagree_are_refused(mnist_dir, tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (mnist_dir / "MNIST" / "raw").iterdir():
+        (raw / f.name).write_bytes(f.read_bytes())
+    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(255))             # one label short
+    code, _, err = run(["train", "--data-dir", tmp_path, "--ckpt", tmp_path / "m.pt", *TINY], capsys)
+    assert_one_line_error(code, err, "train-images-idx3-ubyte")
 
 def test_missing_mnist_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", lambda self: (_ for _ in ()).throw(OSError("offline")))
@@ -172,6 +181,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, m
     # one equal to the default; flags that agree (here all of `common`) are fine.
     code, _, err = run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt", "--channels", "32,64,128"], capsys)
     assert_one_line_error(code, err, "--channels")
+    mid = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    torch.save({k: v for k, v in mid.items() if k != "rng"}, tmp_path / "damaged.pt")
+    monkeypatch.setattr(D, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
+    assert_one_line_error(*run([*common, "--resume", "--ckpt", tmp_path / "damaged.pt"], capsys)[::2], "rng")
+    monkeypatch.undo()
     assert run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)[0] == 0
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "resumed.pt"))
     assert a["step"] == b["step"] == 8 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
@@ -212,15 +226,16 @@ def test_atomic_save_survives_a_death_and_cleans_up(tmp_path, monkeypatch):
     (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--channels", "12,16"], "--channels"),
     (["--channels", "8,x"], "--channels"), (["--timesteps", "1"], "--timesteps"), (["--digit", "12"], "--digit"),
     (["--schedule", "quadratic"], "--schedule"), (["--ckpt", "afile/m.pt"], "--ckpt"), (["--ckpt", "."], "--ckpt"),
-    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "0"], "--epochs"), (["--seed", 10 ** 23], "--seed"), (["--timesteps", 10 ** 13], "--timesteps"),
+    (["--lr", "1e300"], "--lr"),
 ])
 def test_bad_train_arguments_stop_it_before_any_work(args, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
     monkeypatch.setattr(D, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
-    code, _, err = run(["train", "--ckpt", "x.pt", *TINY, *args], capsys)
+    code, _, err = run(["train", "--ckpt", "new/x.pt", *TINY, *args], capsys)
     assert_one_line_error(code, err, flag)
-    assert not (tmp_path / "x.pt").exists()
+    assert not (tmp_path / "new").exists()                  # nothing left behind, not even a folder
 
 
 # --- 5-6. samplers --------------------------------------------------------------------
@@ -228,10 +243,10 @@ def test_bad_train_arguments_stop_it_before_any_work(args, flag, tmp_path, monke
 def test_samplers_walk_timesteps_T_minus_1_down_to_0():
     s, x, y = D.make_schedule("linear", 20), torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
     visited = []
-    for call in (lambda m: D.ddpm_sample(m, s, x, y, gen=torch.Generator()), lambda m: D.ddim_sample(m, s, x, y, 20),
-                 lambda m: D.ddim_sample(m, s, x, y, 5)):
+    for call in (lambda e: D.ddpm_sample(e, s, x, gen=torch.Generator()), lambda e: D.ddim_sample(e, s, x, range(19, -1, -1)),
+                 lambda e: D.ddim_sample(e, s, x, D.ddim_timesteps(20, 5))):
         spy = Spy()
-        call(spy)
+        call(D.guided(spy, y, 0, "fp32"))
         visited.append([int(t[0]) for t in spy.ts])
     assert visited[0] == visited[1] == list(range(19, -1, -1))
     assert visited[2][0] == 19 and visited[2][-1] == 0 and len(set(visited[2])) == 5
@@ -240,30 +255,33 @@ def test_samplers_walk_timesteps_T_minus_1_down_to_0():
 def test_ddim_with_eta_1_and_all_steps_is_ddpm(clip):
     s, m = D.make_schedule("linear", 30), tiny_model()
     x_T, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, D.NULL_LABEL])
-    a = D.ddpm_sample(m, s, x_T, y, guidance=1.5, clip=clip, gen=torch.Generator().manual_seed(9))
-    b = D.ddim_sample(m, s, x_T, y, 30, eta=1.0, guidance=1.5, clip=clip, gen=torch.Generator().manual_seed(9))
+    eps_model = D.guided(m, y, 1.5, "fp32")
+    a = D.ddpm_sample(eps_model, s, x_T, clip=clip, gen=torch.Generator().manual_seed(9))
+    b = D.ddim_sample(eps_model, s, x_T, range(29, -1, -1), eta=1.0, clip=clip, gen=torch.Generator().manual_seed(9))
     assert a.abs().max() > 0.1
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())   # unclipped, x can reach thousands
 
 def test_ddim_eta_0_is_deterministic():
     s, m, x_T, y = D.make_schedule("cosine", 50), tiny_model(), torch.randn(2, 1, 28, 28), torch.tensor([4, 7])
-    runs = [D.ddim_sample(m, s, x_T, y, 10, eta=eta, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
+    e, ts = D.guided(m, y, 0.5, "fp32"), D.ddim_timesteps(50, 10)
+    runs = [D.ddim_sample(e, s, x_T, ts, eta=eta, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_samplers_reproduce_gaussian_data(sampler):
     # Data N(0, sd^2 I) has a known exact eps; every sampler must give back samples of std sd.
     sd, s = 0.5, D.make_schedule("cosine", 200)
-    m, y = exact_gaussian_eps(s.alphas_bar, sd), torch.full((4000,), D.NULL_LABEL)
+    m = exact_gaussian_eps(s.alphas_bar, sd)
     x_T, gen = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1)
-    x = D.ddpm_sample(m, s, x_T, y, clip=False, gen=gen) if sampler == "ddpm" else D.ddim_sample(m, s, x_T, y, 50, clip=False)
+    x = D.ddpm_sample(m, s, x_T, clip=False, gen=gen) if sampler == "ddpm" else \
+        D.ddim_sample(m, s, x_T, D.ddim_timesteps(200, 50), clip=False)
     assert x.std().item() == pytest.approx(sd, rel=0.03) and abs(x.mean().item()) < 0.02
 
 def test_classifier_free_guidance():
     two_faced = lambda x, t, y: torch.where((y == D.NULL_LABEL).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(x)
     x, y = torch.zeros(2, 1, 3, 3), torch.tensor([3, 4])
-    assert torch.equal(D.predict_eps(two_faced, x, 5, y, 2.0, "fp32"), torch.full_like(x, 3 * 1 - 2 * -1))
-    assert torch.equal(D.predict_eps(two_faced, x, 5, y, 0.0, "fp32"), torch.ones_like(x))
+    assert torch.equal(D.guided(two_faced, y, 2.0, "fp32")(x, 5), torch.full_like(x, 3 * 1 - 2 * -1))
+    assert torch.equal(D.guided(two_faced, y, 0.0, "fp32")(x, 5), torch.ones_like(x))
 
 def test_seeded_sampling_is_reproducible():
     s, m, labels = D.make_schedule("cosine", 50), tiny_model(), torch.tensor([0, 1, 2, 3, 4])
@@ -272,16 +290,16 @@ def test_seeded_sampling_is_reproducible():
     assert a.shape == (5, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
 
 def test_random_digits_follow_mnist_and_the_seed():
-    labels = D.random_labels(60000, {}, seed=0)
+    labels = D.random_digits(60000, seed=0)
     expected = torch.tensor(D.MNIST_COUNTS) / 60000
     assert (torch.bincount(labels, minlength=10) / 60000 - expected).abs().max() < 0.005
-    assert torch.equal(D.random_labels(50, {}, 1), D.random_labels(50, {}, 1))
-    assert not torch.equal(D.random_labels(50, {}, 1), D.random_labels(50, {}, 2))
-    assert (D.random_labels(20, {"digit": 4}, 0) == 4).all()                   # a --digit model knows one
+    assert torch.equal(D.random_digits(50, 1), D.random_digits(50, 1))
+    assert not torch.equal(D.random_digits(50, 1), D.random_digits(50, 2))
+    assert (D.random_digits(20, 0, digit=4) == 4).all()                         # a --digit model knows one
 
 def test_uncond_uses_only_the_no_label_embedding(trained, tmp_path, monkeypatch, capsys):
-    spy, real = [], D.predict_eps
-    monkeypatch.setattr(D, "predict_eps", lambda m, x, t, y, w, p: spy.append((y.clone(), w)) or real(m, x, t, y, w, p))
+    spy, real = [], D.guided
+    monkeypatch.setattr(D, "guided", lambda m, y, w, p: spy.append((y.clone(), w)) or real(m, y, w, p))
     assert run(["sample", "--ckpt", trained, "--uncond", "--n", 5, "--out", tmp_path / "u.png"], capsys)[0] == 0
     assert all((y == D.NULL_LABEL).all() and w == 0 for y, w in spy)
     spy.clear()
@@ -321,13 +339,15 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
            "noschedule.pt": {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "schedule"}},
            "mismatch.pt": {**ckpt, "config": {**ckpt["config"], "channels": [16, 32]}},
            "nan.pt": {**ckpt, "ema": {**ckpt["ema"], "out_conv.bias": torch.full((1,), float("nan"))}},
+           "noconfig.pt": {**ckpt, "config": None}, "digit12.pt": {**ckpt, "config": {**ckpt["config"], "digit": 12}},
+           **{f"t{i}.pt": {**ckpt, "config": {**ckpt["config"], "timesteps": t}} for i, t in enumerate(("20", -5))},
            "code.pt": {"format": "ddpm_mnist", "config": {}, "ema": Spy()}}    # an object: weights_only refuses it
     for name, content in bad.items():
         if content is not None:
             (tmp_path / name).write_bytes(content) if isinstance(content, bytes) else torch.save(content, tmp_path / name)
-        code, _, err = run(["sample", "--ckpt", tmp_path / name, "--out", tmp_path / "x.png"], capsys)
+        code, _, err = run(["sample", "--ckpt", tmp_path / name, "--out", tmp_path / "new" / "x.png"], capsys)
         assert_one_line_error(code, err, name)
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "new").exists()
 
 @pytest.mark.parametrize("args,flag", [
     (["--digit", 12], "--digit"), (["--n", 0], "--n"), (["--steps", 0], "--steps"), (["--steps", 21], "--steps"),
@@ -337,12 +357,16 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     (["--per-class", 2, "--digit", 3], "--digit"), (["--uncond", "--digit", 3], "--uncond"),
     (["--gif", "x.png"], "--gif"), (["--trajectory", "t.xyz"], "--trajectory"), (["--batch-size", 0], "--batch-size"),
     (["--per-class", 0], "--per-class"), (["--uncond", "--guidance", 2], "--guidance"), (["--out", "x.xbm"], "--out"),
-    (["--interactive", "--gif", "r.gif"], "--interactive"),
+    (["--interactive", "--gif", "r.gif"], "--interactive"), (["--seed", 10 ** 23], "--seed"), (["--n", 10 ** 14], "--n"),
+    (["--guidance", "1e300"], "--guidance"), (["--out", "d{digit}.png"], "{digit}"), (["--per-class", 2, "--n", 5], "--n"),
+    (["--interactive", "--out", "{digit}/p.png"], "{digit}"), (["--trajectory", "OUT"], "--trajectory"),
 ])
-def test_bad_sample_arguments(args, flag, trained, tmp_path, capsys):
-    code, _, err = run(["sample", "--ckpt", trained, "--out", tmp_path / "x.png", *args], capsys)
+def test_bad_sample_arguments(args, flag, trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "x.png"
+    code, _, err = run(["sample", "--ckpt", trained, "--out", out, *[out if a == "OUT" else a for a in args]], capsys)
     assert_one_line_error(code, err, flag)
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob("*.png"))
 
 def test_unwritable_outputs_are_refused_before_sampling(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("sampled before checking the outputs"))
@@ -355,11 +379,27 @@ def test_unwritable_outputs_are_refused_before_sampling(trained, tmp_path, monke
 
 @pytest.mark.parametrize("command", ["sample", "evaluate"])
 def test_nan_samples_are_reported_not_drawn(command, trained, mnist_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "predict_eps", lambda model, x, *rest: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(D, "guided", lambda *a: lambda x, t: torch.full_like(x, float("nan")))
     extra = ["--data-dir", mnist_dir, "--classifier", tmp_path / "clf.pt", "--n", 20] if command == "evaluate" else []
     code, _, err = run([command, "--ckpt", trained, "--steps", 2, "--out-dir", tmp_path / "each", *extra], capsys)
     assert_one_line_error(code, err, "nan")
-    assert not list((tmp_path / "each").iterdir())
+    assert not (tmp_path / "each").exists()
+
+@pytest.mark.parametrize("argv,flag", [(["forward", "--timesteps", 10 ** 13], "--timesteps"), (["forward", "--n", 0], "--n"),
+                                       (["evaluate", "--n", 10 ** 14], "--n"), (["evaluate", "--seed", -1], "--seed")])
+def test_bad_numbers_elsewhere(argv, flag, trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "load_mnist", lambda *a, **k: pytest.fail("the data was loaded"))
+    assert_one_line_error(*run([*argv, *(["--ckpt", trained] if argv[0] == "evaluate" else [])], capsys)[::2], flag)
+
+def test_a_closed_stdin_and_a_reader_who_left(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)
+    code, _, err = run(["sample", "--ckpt", trained, "--interactive", "--out", tmp_path / "p.png"], capsys)
+    assert_one_line_error(code, err, "standard input")
+    proc = subprocess.Popen([sys.executable, D.__file__, "sample", "--ckpt", trained, "--n", "1", "--steps", "1",
+                             "--out", tmp_path / "x.png"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                                                    # as `| head -0` would
+    assert proc.wait(timeout=60) != 0 and b"Traceback" not in proc.stderr.read()
 
 def test_default_checkpoint_is_yours_then_the_shipped_one(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -413,10 +453,9 @@ def test_training_sampling_and_evaluation_on_a_device():
     with MetaDevice() as mode:
         s = D.make_schedule("cosine", 20)
         model, ema = tiny_model().to(META).train(), tiny_model().to(META)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0)
+        opt, cfg = torch.optim.AdamW(model.parameters(), lr=1e-3), dict(epochs=1, batch_size=4, lr=1e-3)
         x0, y = torch.zeros(4, 1, 28, 28, device=META), torch.tensor([1, 2, 3, 4], device=META)
-        D.train_step(model, ema, opt, lr, x0, y, s, torch.Generator().manual_seed(0), "fp32", 0)
+        next(D.train_loop(model, ema, opt, x0, y, s.to(META), cfg, torch.Generator().manual_seed(0), "fp32"))
         assert mode.syncs == 0                                    # the CPU never waits for the device
         for how in (D.choose_sampler(True, 20, "ddpm"), D.choose_sampler(True, 20, eta=1.0), D.choose_sampler(False, 20)):
             D.generate(ema.eval(), s, torch.tensor([1, 2, D.NULL_LABEL]), how)
