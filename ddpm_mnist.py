@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections import namedtuple
 from typing import NamedTuple
 
 import torch
@@ -45,8 +46,10 @@ TRAIN = dict(
     limit=None,              # keep the first N training images (after `digit`)
 )
 TRAIN_IMAGES = 300_000       # the default length of a run: 5 epochs of MNIST
-GUIDANCE = 0.5               # classifier-free guidance weight w (section 6)
-STEPS = 20                   # DDIM's network calls per sample
+GUIDANCE = 0.25              # classifier-free guidance weight w (section 6)
+STEPS = 20                   # DDIM's steps per sample, each one or two network calls
+SIGMA_MAX = 80               # DDIM starts where the noise is 80 times the signal (section 6)
+NOISY_BELOW = 0.05           # DDIM adds fresh noise while alpha_bar_t is below this, then none
 CKPT = "ddpm_mnist.pt"       # what `train` writes and `sample` reads first
 SHIPPED = Path(__file__).resolve().parent / "samples" / "ddpm_mnist.pt"
 
@@ -436,6 +439,21 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 # eta = 0 is deterministic, and 20 steps approach DDPM's 1000 (Song et al.
 # section 5); eta = 1 on all T steps is DDPM exactly.
 #
+# Which timesteps: at t = T-1 alpha_bar is ~0, and x_start_hat, divided by
+# sqrt(alpha_bar), is ill-conditioned. So the steps start where the noise is
+# SIGMA_MAX times the signal, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = 80
+# (Karras et al. 2022's sigma_max), and are evenly spaced in the log signal-to-
+# noise ratio, log(alpha_bar_t / (1 - alpha_bar_t)), down to t = 0, as DPM-Solver
+# (Lu et al. 2022) spaces its steps: even steps in t would spend few where
+# the image forms.
+#
+# Which eta: eta = 0 follows the network's probability-flow ODE and carries
+# its errors into the image; fresh noise pulls the sample back towards the
+# marginals and corrects them (Karras et al. 2022, section 4), which a short
+# run's model needs, but over 20 steps it also blurs. So by default, as
+# Karras et al. add noise only over a range of noise levels, eta is 1 while
+# alpha_bar_t < NOISY_BELOW (nearly all noise, the digit not yet chosen), then 0.
+#
 # Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
 # the label and with "no label", and extrapolates away from the latter:
 #
@@ -465,14 +483,31 @@ def guided(model, y, w, precision):
     return eps_model
 
 
-def ddim_timesteps(T, steps):
-    """`steps` timesteps evenly spaced from T-1 down to 0."""
-    return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+def ddim_first_step(alphas_bar):
+    """The last t where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is at most SIGMA_MAX."""
+    return int((alphas_bar * (1 + SIGMA_MAX ** 2) >= 1).sum()) - 1
+
+
+def ddim_timesteps(alphas_bar, steps):
+    """`steps` distinct timesteps, from ddim_first_step down to 0, evenly spaced in
+    log SNR_t = log(alpha_bar_t / (1 - alpha_bar_t)), or as near as integers allow."""
+    log_snr = (alphas_bar.double() / (1 - alphas_bar.double())).log()   # falls as t grows
+    first = ddim_first_step(alphas_bar)
+    targets = torch.linspace(log_snr[first].item(), log_snr[0].item(), steps, dtype=torch.float64)
+    ts = [int((log_snr - v).abs().argmin()) for v in targets]
+    for i in reversed(range(steps - 1)):   # where the nearest timesteps coincide, the next one up
+        ts[i] = min(max(ts[i], ts[i + 1] + 1), first - i)
+    return ts
+
+
+def ddim_etas(alphas_bar, ts):
+    """The default eta per step: 1 while alpha_bar_t < NOISY_BELOW, then 0."""
+    return [float(alphas_bar[t] < NOISY_BELOW) for t in ts]
 
 
 @torch.no_grad()
-def ddim_sample(eps_model, sched, x, ts, eta=0.0, clip=True, gen=None, callback=None):
-    """Song et al. eq. 12 from pure noise x, on the descending timesteps ts."""
+def ddim_sample(eps_model, sched, x, ts, etas, clip=True, gen=None, callback=None):
+    """Song et al. eq. 12 from pure noise x, on the descending timesteps ts, with eta etas[i] at step i."""
     for i, t in enumerate(ts):
         ab = sched.alphas_bar[t]
         ab_next = sched.alphas_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)   # 1: x_start
@@ -480,9 +515,9 @@ def ddim_sample(eps_model, sched, x, ts, eta=0.0, clip=True, gen=None, callback=
         x_start_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()     # eq. 15
         if clip:                                                  # as in DDPM, so that eta = 1 equals it
             x_start_hat, eps = clip_x_start(x, eps, ab)
-        sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).sqrt()                      # eq. 16
+        sigma = etas[i] * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).sqrt()                  # eq. 16
         x = ab_next.sqrt() * x_start_hat + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps   # eq. 12
-        if eta > 0 and i + 1 < len(ts):
+        if etas[i] > 0 and i + 1 < len(ts):
             x = x + sigma * torch.randn(x.shape, generator=gen).to(x.device)
         if callback:
             callback(x)
@@ -505,67 +540,57 @@ def random_digits(n, seed, digit=None):
 # 7. Running the method: device, precision, and the sampler's settings
 #
 # From here on, what a run needs around the method; a first read can skip it.
-# `--device auto` takes CUDA, then Apple's MPS, then the CPU. `--precision
-# auto` runs the network in bf16 where the hardware has bf16 units, deciding
-# by the hardware alone, never by a timing: a command picks the same precision
-# however busy the machine is, and repeats exactly. `generate` draws any
-# number of samples in batches, from one seeded generator.
-
-
-def pick_precision(name, device):
-    """(precision, why) for --precision `name` on `device`."""
-    if name != "auto":
-        return name, "--precision"
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] >= 8:
-            return "bf16", "auto: the GPU has bf16 tensor cores"
-        return "fp32", "auto: the GPU predates bf16 tensor cores"
-    if device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)()   # private: if they move, fp32
-                                    for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
-        return "bf16", "auto: this CPU has bf16 instructions, AVX512-BF16 or AMX"
-    return "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
+# `--precision auto` runs the network in bf16 where the hardware has bf16
+# units, deciding by the hardware alone, never by a timing: a command repeats
+# exactly however busy the machine is. `generate` draws any number of samples
+# in batches, from one seeded generator.
 
 
 def setup_device(name, precision):
-    """(device, precision, why) for --device and --precision. On CUDA it also
-    lets what stays in fp32 use TF32 tensor cores, where the GPU has them."""
+    """(device, precision, why) for --device (auto: CUDA, then Apple's MPS, then
+    the CPU) and --precision. On CUDA, what stays in fp32 may use TF32."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name != "cpu" and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
         raise UserError(f"--device {name}: PyTorch sees no such device here")   # never silently the CPU
     device = torch.device(name)
-    if device.type == "cuda":
+    if name == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return (device, *pick_precision(precision, device))
+    if precision != "auto":
+        return device, precision, "--precision"
+    if name == "cuda":
+        bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        return device, "bf16" if bf16 else "fp32", f"auto: the GPU {'has' if bf16 else 'predates'} bf16 tensor cores"
+    if name == "cpu" and any(getattr(torch.cpu, f, lambda: False)()   # private: if they move, fp32
+                             for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
+        return device, "bf16", "auto: this CPU has bf16 instructions, AVX512-BF16 or AMX"
+    return device, "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
 
 
-class Sampler(NamedTuple):
-    name: str          # "ddim" or "ddpm"
-    steps: int
-    eta: float         # DDIM's noise
-    guidance: float    # w; 0 where there is no label to guide towards
-    clip: bool
-
-    def __str__(self):   # e.g. "DDIM 20 steps, eta 0, guidance 0.5"
-        return (f"{self.name.upper()} {self.steps} steps" + (f", eta {self.eta:g}" if self.name == "ddim" else "")
+class Sampler(namedtuple("Sampler", "name steps eta guidance clip")):   # eta None: ddim_etas
+    def __str__(self):   # e.g. "DDIM 20 steps, eta 1 while alpha_bar < 0.05 then 0, guidance 0.25"
+        eta = f"{self.eta:g}" if self.eta is not None else f"1 while alpha_bar < {NOISY_BELOW:g} then 0"
+        return (f"{self.name.upper()} {self.steps} steps" + (f", eta {eta}" if self.name == "ddim" else "")
                 + (f", guidance {self.guidance:g}" if self.guidance else ""))
 
 
-def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=None, clip=True):
-    """The sampling defaults, decided here only: DDIM in STEPS steps, guided and
-    deterministic for samples with a digit; eta 1 for the unconditional model."""
+def choose_sampler(labelled, sched, name=None, steps=None, eta=None, guidance=None, clip=True):
+    """The sampling defaults, decided here only: DDIM in STEPS steps; guided, with
+    fresh noise only at the start (ddim_etas), for samples with a digit; eta 1 at
+    every step for the unconditional model, whose mistakes it corrects."""
     name = name or "ddim"
     if name == "ddpm" and (eta is not None or steps is not None):
         raise UserError("--eta and --steps are DDIM's; DDPM always takes all T steps with eta 1")
     if guidance and not labelled:
         raise UserError("--guidance needs a digit to guide towards; the unconditional model has none")
-    eta = (0.0 if labelled else 1.0) if eta is None else eta
+    eta = (None if labelled else 1.0) if eta is None else eta
     guidance = (GUIDANCE if labelled else 0.0) if guidance is None else guidance
-    steps = T if name == "ddpm" else min(STEPS, T) if steps is None else steps
-    if not 0 <= eta <= 1:
+    most = sched.T if name == "ddpm" else ddim_first_step(sched.alphas_bar) + 1
+    steps = most if name == "ddpm" else min(STEPS, most) if steps is None else steps
+    if eta is not None and not 0 <= eta <= 1:
         raise UserError(f"--eta {eta}: must be between 0 and 1")
-    if not 1 <= steps <= T:
-        raise UserError(f"--steps {steps}: this model takes 1 to T = {T} steps")
+    if not 1 <= steps <= most:
+        raise UserError(f"--steps {steps}: this model takes 1 to {most} steps")
     if not 0 <= guidance <= 100:   # also refuses nan
         raise UserError(f"--guidance {guidance}: must be a number from 0 to 100")
     return Sampler(name, steps, eta, guidance, clip)
@@ -574,10 +599,11 @@ def choose_sampler(labelled, T, name=None, steps=None, eta=None, guidance=None, 
 def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="fp32", callback=None):
     """Draw len(labels) images in batches (label NULL_LABEL: "no label"); a CPU
     tensor in [-1, 1]. `callback(x_t)` sees the first batch after every step."""
+    if sampler.name == "ddim":
+        ts = ddim_timesteps(sched.alphas_bar, sampler.steps)
+        etas = ddim_etas(sched.alphas_bar, ts) if sampler.eta is None else [sampler.eta] * len(ts)
     device = next(model.parameters()).device
-    sched = sched.to(device)
-    gen = torch.Generator().manual_seed(seed)   # one for the whole run: a seed fixes every sample
-    out = []
+    sched, gen, out = sched.to(device), torch.Generator().manual_seed(seed), []   # one generator: a seed fixes all
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
         x = torch.randn((len(y), 1, 28, 28), generator=gen).to(device)   # pure noise
@@ -588,8 +614,7 @@ def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="f
         if sampler.name == "ddpm":
             x = ddpm_sample(eps_model, sched, x, sampler.clip, gen, cb)
         else:
-            ts = ddim_timesteps(sched.T, sampler.steps)
-            x = ddim_sample(eps_model, sched, x, ts, sampler.eta, sampler.clip, gen, cb)
+            x = ddim_sample(eps_model, sched, x, ts, etas, sampler.clip, gen, cb)
         if not torch.isfinite(x).all():   # would be a black picture, or a failure inside the FID
             raise UserError("some samples came out NaN or infinite: the model or its sampling diverged")
         out.append(x.clamp(-1, 1).cpu())
@@ -606,33 +631,28 @@ def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="f
 # config is checked before anything else is done with it.
 
 
-def is_int(v, lo, hi):
-    return type(v) is int and lo <= v <= hi
-
-
-CONFIG_RULES = {   # what each value of a run's config must be, and how to say it
-    "channels": (lambda v: type(v) is list and 1 <= len(v) <= 3 and all(is_int(c, 8, 4096) and c % 8 == 0 for c in v),
-                 "1 to 3 widths (28 pixels halve to 14 and 7, no further), each a multiple of 8 up to 4096"),
-    "schedule": (lambda v: v in ("cosine", "linear"), "cosine or linear"),
-    "timesteps": (lambda v: is_int(v, 2, 100_000), "from 2 to 100,000"),
-    "epochs": (lambda v: v is None or is_int(v, 1, 1_000_000), "at least 1"),
-    "batch_size": (lambda v: is_int(v, 1, 1_000_000), "at least 1"),
-    "lr": (lambda v: type(v) is float and 0 < v <= 1, "a number above 0, at most 1"),
-    "seed": (lambda v: is_int(v, 0, 2 ** 63 - 1), "from 0 to 2^63 - 1"),
-    "digit": (lambda v: v is None or is_int(v, 0, 9), "0 to 9"),
-    "limit": (lambda v: v is None or is_int(v, 1, 10 ** 9), "at least 1"),
-}
-
-
 def config_problem(cfg):
-    """What is wrong with a run's config, as a flag and what it takes; None if nothing."""
+    """What is wrong with a run's config, as the flag that sets it and what it must be; None if nothing."""
+    def whole(v, lo, hi, optional=False):
+        return (optional and v is None) or (type(v) is int and lo <= v <= hi)
+    rules = {   # each value's test, and what it must be
+        "channels": (lambda v: type(v) is list and 1 <= len(v) <= 3 and all(whole(c, 8, 4096) and c % 8 == 0 for c in v),
+                     "1 to 3 widths (28 pixels halve to 14 and 7, no further), each a multiple of 8 up to 4096"),
+        "schedule": (lambda v: v in ("cosine", "linear"), "cosine or linear"),
+        "timesteps": (lambda v: whole(v, 2, 100_000), "2 to 100,000"),
+        "epochs": (lambda v: whole(v, 1, 10 ** 6, optional=True), "at least 1"),
+        "batch_size": (lambda v: whole(v, 1, 10 ** 6), "at least 1"),
+        "lr": (lambda v: type(v) is float and 0 < v <= 1, "above 0 and at most 1"),
+        "seed": (lambda v: whole(v, 0, 2 ** 63 - 1), "0 to 2^63 - 1"),
+        "digit": (lambda v: whole(v, 0, 9, optional=True), "0 to 9"),
+        "limit": (lambda v: whole(v, 1, 10 ** 9, optional=True), "at least 1"),
+    }
     if not isinstance(cfg, dict):
         return "it is not a dict"
-    for key, (ok, need) in CONFIG_RULES.items():
+    for key, (ok, need) in rules.items():
         if key not in cfg or not ok(cfg[key]):
             flag = f"--{key.replace('_', '-')}"
-            return f"{flag} {cfg[key]}: use {need}" if key in cfg else f"{flag} is missing"
-    return None
+            return f"{flag} {cfg[key]}: must be {need}" if key in cfg else f"{flag} is missing"
 
 
 def atomic_save(obj, path):
@@ -665,8 +685,7 @@ def load_checkpoint(path, resume=False):
         raise UserError(f"{path} is not a ddpm_mnist checkpoint")
     if problem := config_problem(ckpt.get("config")):
         raise UserError(f"{path}: its config is damaged ({problem})")
-    missing = [k for k in ("model", "optimizer", "rng", "step") if k not in ckpt]
-    if resume and "optimizer" in ckpt and missing:
+    if resume and "optimizer" in ckpt and (missing := [k for k in ("model", "rng", "step") if k not in ckpt]):
         raise UserError(f"{path}: it lacks {', '.join(missing)} to resume from; the file is damaged")
     try:
         model = UNet(ckpt["config"]["channels"])
@@ -696,24 +715,17 @@ def grid_image(x, nrow):
     return Image.fromarray(make_grid(to_uint8(x.cpu()), nrow=nrow, padding=2, pad_value=255)[0].numpy())
 
 
-def save_image(image, path, **options):
+def save_image(image, path, quiet=False, **options):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **options)
+    quiet or print(f"wrote {path}", flush=True)
 
 
 def save_each(x, out_dir):
     """Every image as its own grayscale PNG: DIR/00000.png, DIR/00001.png, ..."""
     for i, img in enumerate(to_uint8(x)):
-        save_image(Image.fromarray(img[0].numpy()), Path(out_dir) / f"{i:05d}.png")
+        save_image(Image.fromarray(img[0].numpy()), Path(out_dir) / f"{i:05d}.png", quiet=True)
     print(f"wrote {len(x)} PNGs to {out_dir}/")
-
-
-def save_gif(frames, path, nrow, count=60, ms=80, hold_ms=2000):
-    """The reverse process animated, resting on the final grid; `count` frames at most (DDPM has 1000)."""
-    picks = torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long().tolist()
-    images = [grid_image(frames[j], nrow) for j in picks]
-    save_image(images[0], path, save_all=True, append_images=images[1:], loop=0,
-               duration=[ms] * (len(images) - 1) + [hold_ms])
 
 
 # -----------------------------------------------------------------------------
@@ -846,49 +858,40 @@ def check_range(value, lo, hi, flag):
         raise UserError(f"{flag} {value}: must be {lo:,} to {hi:,}")
 
 
-def epoch_grid(ckpt_path, epoch):
-    return ckpt_path.with_name(f"{ckpt_path.stem}_epoch{epoch:02d}.png")
-
-
-def run_config(args, ckpt_path):
-    """The config of the run: a resumed run's own, or the defaults with the flags given."""
+def cmd_train(args):
+    ckpt_path = check_writable(args.ckpt, "--ckpt")
+    check_writable(ckpt_path.with_name(f"{ckpt_path.stem}_epoch01.png"), "--ckpt (its grids)", image=True)
+    # The config holds all that defines a run: the defaults and the flags given,
+    # or a resumed run's own, which a flag that contradicts it may not change.
     given = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
+    cfg, ckpt = {**TRAIN, **given}, None
     if not args.resume:
         if ckpt_path.exists():   # it may be hours of work: never replaced unasked
             raise UserError(f"{ckpt_path} exists: continue it with --resume, or give another --ckpt")
-        cfg = {**TRAIN, **given}
         if problem := config_problem(cfg):
             raise UserError(problem)
-        return cfg, None
-    ckpt, _ = load_checkpoint(ckpt_path, resume=True)
-    cfg = ckpt["config"]
-    clashes = [f"--{k.replace('_', '-')} {v} (it has {cfg.get(k)})" for k, v in given.items() if cfg.get(k) != v]
-    if clashes:   # a flag that contradicts the run is refused rather than ignored
-        raise UserError(f"--resume continues {ckpt_path} with its own config, but you gave "
-                        f"{', '.join(clashes)}; drop those flags, or start a new run with another --ckpt")
-    return cfg, ckpt
-
-
-def cmd_train(args):
-    ckpt_path = check_writable(args.ckpt, "--ckpt")
-    check_writable(epoch_grid(ckpt_path, 1), "--ckpt (its grids)", image=True)
-    cfg, ckpt = run_config(args, ckpt_path)
-    if ckpt and "optimizer" not in ckpt:
-        return print(f"{ckpt_path} is a finished run: nothing to resume")
+    else:
+        ckpt, _ = load_checkpoint(ckpt_path, resume=True)
+        cfg = ckpt["config"]
+        if clashes := [f"--{k.replace('_', '-')} {v} (it has {cfg[k]})" for k, v in given.items() if cfg[k] != v]:
+            raise UserError(f"--resume continues {ckpt_path} with its own config, but you gave "
+                            f"{', '.join(clashes)}; drop those flags, or start a new run with another --ckpt")
+        if "optimizer" not in ckpt:
+            return print(f"{ckpt_path} is a finished run: nothing to resume")
     device, precision, why = setup_device(args.device, args.precision)
     torch.manual_seed(cfg["seed"])                       # the initial weights
     model = UNet(cfg["channels"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)   # no decay: Adam, in effect
-    gen = torch.Generator().manual_seed(cfg["seed"])     # every random draw of training
-    step = 0
+    gen, step = torch.Generator().manual_seed(cfg["seed"]), 0   # every random draw of training
     if ckpt:
         try:
-            for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (gen, "rng")):
-                obj.set_state(ckpt[key]) if key == "rng" else obj.load_state_dict(ckpt[key])
-            step = ckpt["step"]
+            for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+                obj.load_state_dict(ckpt[key])
+            gen.set_state(ckpt["rng"])
         except (RuntimeError, TypeError, ValueError, KeyError):
             raise UserError(f"{ckpt_path}: its training state is damaged; it cannot be resumed") from None
+        step = ckpt["step"]
         print(f"resuming {ckpt_path} at step {step}")
     for stale in [p for p in ckpt_path.parent.glob("*.tmp") if p.name.startswith(ckpt_path.name + ".")]:
         stale.unlink()                                   # left by a save that was killed
@@ -896,16 +899,15 @@ def cmd_train(args):
     x_all, y_all = load_mnist(args.data_dir, True, cfg["digit"], cfg["limit"])
     x_all, y_all = x_all.to(device), y_all.to(device)
     cfg["epochs"] = cfg["epochs"] or math.ceil(TRAIN_IMAGES / len(x_all))   # steps matter more than epochs
-    sched = make_schedule(cfg["schedule"], cfg["timesteps"]).to(device)
-    steps_per_epoch = math.ceil(len(x_all) / cfg["batch_size"])
-    total_steps = cfg["epochs"] * steps_per_epoch
-    save_every = math.ceil(cfg["epochs"] / 10) * steps_per_epoch   # every epoch, or every tenth of a long run
+    sched = make_schedule(cfg["schedule"], cfg["timesteps"])
+    per_epoch = math.ceil(len(x_all) / cfg["batch_size"])
+    total = cfg["epochs"] * per_epoch
     print(f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {len(x_all):,} images | "
-          f"{device} {precision} ({why}) | {cfg['epochs']} epochs x {steps_per_epoch} steps of {cfg['batch_size']}")
+          f"{device} {precision} ({why}) | {cfg['epochs']} epochs x {per_epoch} steps of {cfg['batch_size']}")
     t_start, last_print, first, losses, saved = time.time(), 0.0, step, [], ckpt is not None
-    for step, loss in train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step):
+    for step, loss in train_loop(model, ema, opt, x_all, y_all, sched.to(device), cfg, gen, precision, step):
         losses.append(loss)
-        if time.time() - t_start - last_print > 10 or step % steps_per_epoch == 0:
+        if time.time() - t_start - last_print > 10 or step % per_epoch == 0:
             # The losses since the last line, read in one go: a NaN stops the
             # run before a checkpoint could save the weights it poisoned.
             losses = torch.stack(losses)
@@ -914,26 +916,24 @@ def cmd_train(args):
                 raise UserError(f"the loss became {losses[int(bad[0])].item()} at step "
                                 f"{step - len(losses) + int(bad[0]) + 1}; try a lower --lr ({where})")
             last_print, rate = time.time() - t_start, (step - first) * cfg["batch_size"] / (time.time() - t_start)
-            print(f"epoch {math.ceil(step / steps_per_epoch)}/{cfg['epochs']}  step {step}/{total_steps}  "
-                  f"loss {losses.mean().item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  "
-                  f"left {(total_steps - step) * cfg['batch_size'] / rate / 60:.1f} min", flush=True)
+            print(f"epoch {math.ceil(step / per_epoch)}/{cfg['epochs']}  step {step}/{total}  loss {losses.mean().item():.4f}"
+                  f"  lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  left {(total - step) * cfg['batch_size'] / rate / 60:.1f} min",
+                  flush=True)
             losses = []
-        if step % save_every and step < total_steps:
-            continue
+        if step % (math.ceil(cfg["epochs"] / 10) * per_epoch) and step < total:
+            continue   # saves after every epoch, or every tenth of a longer run
         # What a resume needs; the last save keeps only what sampling needs, the
         # EMA weights in fp16, 1/8 the size. Then a grid, drawn as `sample` does.
-        if step < total_steps:
-            state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=gen.get_state())
-        else:
+        state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=gen.get_state())
+        if step == total:
             state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
         if not saved and ckpt_path.exists():   # another run took the name meanwhile: never replace it
             raise UserError(f"{ckpt_path} appeared while this run trained; not replaced: give another --ckpt")
         atomic_save(dict(format="ddpm_mnist", config=cfg, step=step, **state), ckpt_path)
         saved = True
-        x = generate(ema.eval(), sched, random_digits(64, 0, cfg["digit"]), choose_sampler(True, sched.T),
-                     precision=precision)
-        save_image(grid_image(x, nrow=8), grid := epoch_grid(ckpt_path, step // steps_per_epoch))
-        print(f"saved {ckpt_path} and {grid}", flush=True)
+        print(f"saved {ckpt_path}")
+        x = generate(ema.eval(), sched, random_digits(64, 0, cfg["digit"]), choose_sampler(True, sched), precision=precision)
+        save_image(grid_image(x, nrow=8), ckpt_path.with_name(f"{ckpt_path.stem}_epoch{step // per_epoch:02d}.png"))
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
 
 
@@ -955,11 +955,24 @@ def load_model(args, labelled):
     path = Path(args.ckpt or (CKPT if Path(CKPT).is_file() else SHIPPED))
     ckpt, model = load_checkpoint(path)
     sched = make_schedule(ckpt["config"]["schedule"], ckpt["config"]["timesteps"])
-    sampler = choose_sampler(labelled, sched.T, args.sampler, args.steps, args.eta, args.guidance, not args.no_clip)
+    sampler = choose_sampler(labelled, sched, args.sampler, args.steps, args.eta, args.guidance, not args.no_clip)
     device, precision, why = setup_device(args.device, args.precision)
     args.batch_size = args.batch_size or (100 if device.type == "cpu" else 1000)   # a GPU wants big batches
     print(f"checkpoint: {path} (trained {ckpt.get('step', '?')} steps) | {device} {precision} ({why})")
     return model.to(device).eval(), sched, ckpt["config"], sampler, precision
+
+
+def pick_labels(args, n, cfg):
+    """The digits to draw (NULL_LABEL: none) and how to say so."""
+    if getattr(args, "per_class", None):
+        return torch.arange(NUM_CLASSES).repeat_interleave(args.per_class), f"{args.per_class} per digit"
+    if getattr(args, "digit", None) is not None:
+        return torch.full((n,), args.digit), f"digit {args.digit}"
+    if getattr(args, "conditional", False):
+        return torch.arange(n) % NUM_CLASSES, "an equal number of each digit"
+    if args.uncond:
+        return torch.full((n,), NULL_LABEL), "the unconditional model"
+    return random_digits(n, args.seed, cfg["digit"]), "random digits, drawn with MNIST's frequencies"
 
 
 def cmd_sample(args):
@@ -969,7 +982,7 @@ def cmd_sample(args):
         check_range(args.per_class, 1, MAX_SAMPLES // 10, "--per-class")
     n = 64 if args.n is None else args.n
     check_range(n, 1, MAX_SAMPLES, "--n")
-    digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
+    args.digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
     out = Path(args.out or ("samples/prompt_{digit}.png" if args.interactive else "sample.png"))
     if args.interactive:
         if args.gif or args.trajectory or args.out_dir:
@@ -993,14 +1006,7 @@ def cmd_sample(args):
     run = dict(seed=args.seed, batch_size=args.batch_size, precision=precision)
     if args.interactive:
         return interactive(model, sched, sampler, str(out), n, run)
-    if args.per_class:
-        labels, what = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class), f"{args.per_class} per digit"
-    elif digit is not None:
-        labels, what = torch.full((n,), digit), f"digit {digit}"
-    elif args.uncond:
-        labels, what = torch.full((n,), NULL_LABEL), "the unconditional model"
-    else:
-        labels, what = random_digits(n, args.seed, cfg["digit"]), "random digits, drawn with MNIST's frequencies"
+    labels, what = pick_labels(args, n, cfg)
     nrow = args.per_class or math.ceil(math.sqrt(n))
     frames = []   # every x_t of the first batch (at most 64 images), for --trajectory and --gif
     keep = (lambda x_t: frames.append(x_t[:64].clamp(-1, 1).cpu())) if args.trajectory or args.gif else None
@@ -1008,16 +1014,16 @@ def cmd_sample(args):
     x = generate(model, sched, labels, sampler, **run, callback=keep)
     print(f"{len(x)} samples ({what}; {sampler}) in {time.time() - t0:.1f} s")
     save_image(grid_image(x, nrow), out)
-    print(f"wrote {out}")
     if args.out_dir:
         save_each(x, args.out_dir)
     if args.trajectory:   # a row per sample (8 at most), 10 snapshots from noise to digit
         picks = torch.linspace(0, len(frames) - 1, 10).round().long().tolist()
         save_image(grid_image(torch.stack([frames[j][:8] for j in picks], dim=1).flatten(0, 1), nrow=10), args.trajectory)
-        print(f"wrote {args.trajectory}")
-    if args.gif:
-        save_gif(frames, args.gif, nrow=min(nrow, len(frames[0])))
-        print(f"wrote {args.gif}")
+    if args.gif:   # 60 frames at most (DDPM has 1000), 80 ms each, and the final grid for 2 s
+        grids = [grid_image(frames[j], min(nrow, len(frames[0])))
+                 for j in torch.linspace(0, len(frames) - 1, min(60, len(frames))).round().long().tolist()]
+        save_image(grids[0], args.gif, save_all=True, append_images=grids[1:], loop=0,
+                   duration=[80] * (len(grids) - 1) + [2000])
 
 
 def interactive(model, sched, sampler, pattern, n, run):
@@ -1033,7 +1039,6 @@ def interactive(model, sched, sampler, pattern, n, run):
             print(f"error: {e}", file=sys.stderr)
             continue
         save_image(grid_image(generate(model, sched, torch.full((n,), digit), sampler, **run), math.ceil(math.sqrt(n))), path)
-        print(path, flush=True)
 
 
 def cmd_forward(args):
@@ -1047,8 +1052,8 @@ def cmd_forward(args):
     ts = torch.linspace(0, args.timesteps - 1, 11).round().long()
     rows = [torch.cat([q_sample(x_start[i:i + 1], ts, eps[i:i + 1], make_schedule(name, args.timesteps).alphas_bar)
                        for i in range(len(x_start))]) for name in ("linear", "cosine")]
+    print(f"t = {', '.join(map(str, ts.tolist()))}")
     save_image(grid_image(torch.cat([rows[0], torch.ones(11, 1, 28, 28), rows[1]]), nrow=11), out)   # white row between
-    print(f"wrote {out} (t = {', '.join(map(str, ts.tolist()))})")
 
 
 def cmd_evaluate(args):
@@ -1062,13 +1067,8 @@ def cmd_evaluate(args):
     clf = load_or_train_classifier(args.classifier, args.data_dir, device, precision)
     test_feats, test_pred = classify(clf, x_test)
     print(f"classifier test accuracy: {100 * (test_pred == y_test).float().mean().item():.2f}%")
-    # 2. the labels: random digits as `sample` draws them, an equal number of each, or none
-    if args.conditional:
-        labels, what = torch.arange(args.n) % NUM_CLASSES, "an equal number of each digit"
-    elif args.uncond:
-        labels, what = torch.full((args.n,), NULL_LABEL), "the unconditional model"
-    else:
-        labels, what = random_digits(args.n, args.seed, cfg["digit"]), "random digits"
+    # 2. the labels, as `sample` draws them: random digits, an equal number of each, or none
+    labels, what = pick_labels(args, args.n, cfg)
     # 3. the floor: real training images (the test images would score 0)
     x_real, y_real = load_mnist(args.data_dir, train=True)
     gen = torch.Generator().manual_seed(args.seed)
@@ -1084,9 +1084,7 @@ def cmd_evaluate(args):
     print(f"floor (FID of {len(real)} real training images{'' if args.uncond else ' of the same digits'}): "
           f"{floor:.3f}   ratio {score / max(floor, 1e-12):.2f}x")
     if not args.uncond:
-        per = {d: (pred[labels == d] == d).float().mean().item() for d in range(NUM_CLASSES) if (labels == d).any()}
-        print(f"accuracy: {100 * (pred == labels).float().mean().item():.2f}%, per digit "
-              + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in per.items()))
+        print(f"accuracy (the digit asked for): {100 * (pred == labels).float().mean().item():.2f}%")
     counts = torch.bincount(pred, minlength=NUM_CLASSES).tolist()
     print("class histogram: " + "  ".join(f"{d}:{100 * c / args.n:.1f}%" for d, c in enumerate(counts)))
     if args.out_dir:
@@ -1129,8 +1127,9 @@ def build_parser():
     for sp in (s, e):
         sp.add_argument("--ckpt", help=f"default ./{CKPT} if it exists, else the shipped samples/ddpm_mnist.pt")
         sp.add_argument("--sampler", choices=["ddim", "ddpm"], help="default ddim; ddpm takes all T steps")
-        sp.add_argument("--steps", type=int, help=f"DDIM steps, 1..T (default {STEPS})")
-        sp.add_argument("--eta", type=float, help="DDIM's noise, 0..1 (default 0; 1 with --uncond)")
+        sp.add_argument("--steps", type=int, help=f"DDIM steps (default {STEPS})")
+        sp.add_argument("--eta", type=float, help="DDIM's noise at every step, 0..1 (default: 1 while "
+                        f"alpha_bar < {NOISY_BELOW:g}, then 0; 1 with --uncond)")
         sp.add_argument("--guidance", type=float, help=f"classifier-free guidance w (default {GUIDANCE})")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x_start estimate to [-1, 1]")
         sp.add_argument("--seed", type=int, default=0)

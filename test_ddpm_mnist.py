@@ -243,13 +243,24 @@ def test_bad_train_arguments_stop_it_before_any_work(args, flag, tmp_path, monke
 def test_samplers_walk_timesteps_T_minus_1_down_to_0():
     s, x, y = D.make_schedule("linear", 20), torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
     visited = []
-    for call in (lambda e: D.ddpm_sample(e, s, x, gen=torch.Generator()), lambda e: D.ddim_sample(e, s, x, range(19, -1, -1)),
-                 lambda e: D.ddim_sample(e, s, x, D.ddim_timesteps(20, 5))):
+    for call in (lambda e: D.ddpm_sample(e, s, x, gen=torch.Generator()),
+                 lambda e: D.ddim_sample(e, s, x, range(19, -1, -1), [0.0] * 20)):
         spy = Spy()
         call(D.guided(spy, y, 0, "fp32"))
         visited.append([int(t[0]) for t in spy.ts])
     assert visited[0] == visited[1] == list(range(19, -1, -1))
-    assert visited[2][0] == 19 and visited[2][-1] == 0 and len(set(visited[2])) == 5
+
+def test_ddim_timesteps_start_at_sigma_max_even_in_log_snr_and_noise_only_at_the_start():
+    ab = D.make_schedule("cosine", 1000).alphas_bar
+    ts, log_snr, sigma = D.ddim_timesteps(ab, 20), (ab / (1 - ab)).double().log(), ((1 - ab) / ab).sqrt()
+    assert sigma[ts[0]] <= D.SIGMA_MAX < sigma[ts[0] + 1] and ts[-1] == 0
+    gaps = -log_snr[ts].diff()
+    assert gaps.max() / gaps.min() < 1.6                     # even in log SNR, up to whole timesteps
+    etas, k = D.ddim_etas(ab, ts), int((ab[ts] < D.NOISY_BELOW).sum())
+    assert etas == [1.0] * k + [0.0] * (20 - k) and 0 < k < 10   # fresh noise in the first, noisiest steps only
+    for T, steps in ((20, 19), (1000, 300)):                 # more steps than distinct nearest timesteps
+        ts = D.ddim_timesteps(D.make_schedule("cosine", T).alphas_bar, steps)
+        assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] == 0
 
 @pytest.mark.parametrize("clip", [True, False])
 def test_ddim_with_eta_1_and_all_steps_is_ddpm(clip):
@@ -257,24 +268,25 @@ def test_ddim_with_eta_1_and_all_steps_is_ddpm(clip):
     x_T, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, D.NULL_LABEL])
     eps_model = D.guided(m, y, 1.5, "fp32")
     a = D.ddpm_sample(eps_model, s, x_T, clip=clip, gen=torch.Generator().manual_seed(9))
-    b = D.ddim_sample(eps_model, s, x_T, range(29, -1, -1), eta=1.0, clip=clip, gen=torch.Generator().manual_seed(9))
+    b = D.ddim_sample(eps_model, s, x_T, range(29, -1, -1), [1.0] * 30, clip=clip, gen=torch.Generator().manual_seed(9))
     assert a.abs().max() > 0.1
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())   # unclipped, x can reach thousands
 
 def test_ddim_eta_0_is_deterministic():
     s, m, x_T, y = D.make_schedule("cosine", 50), tiny_model(), torch.randn(2, 1, 28, 28), torch.tensor([4, 7])
-    e, ts = D.guided(m, y, 0.5, "fp32"), D.ddim_timesteps(50, 10)
-    runs = [D.ddim_sample(e, s, x_T, ts, eta=eta, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
+    e, ts = D.guided(m, y, 0.5, "fp32"), D.ddim_timesteps(s.alphas_bar, 10)
+    runs = [D.ddim_sample(e, s, x_T, ts, [eta] * 10, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim eta 0", "ddim default"])
 def test_samplers_reproduce_gaussian_data(sampler):
     # Data N(0, sd^2 I) has a known exact eps; every sampler must give back samples of std sd.
     sd, s = 0.5, D.make_schedule("cosine", 200)
-    m = exact_gaussian_eps(s.alphas_bar, sd)
+    m, ts = exact_gaussian_eps(s.alphas_bar, sd), D.ddim_timesteps(s.alphas_bar, 100)
     x_T, gen = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1)
+    etas = D.ddim_etas(s.alphas_bar, ts) if sampler == "ddim default" else [0.0] * 100
     x = D.ddpm_sample(m, s, x_T, clip=False, gen=gen) if sampler == "ddpm" else \
-        D.ddim_sample(m, s, x_T, D.ddim_timesteps(200, 50), clip=False)
+        D.ddim_sample(m, s, x_T, ts, etas, clip=False, gen=gen)
     assert x.std().item() == pytest.approx(sd, rel=0.03) and abs(x.mean().item()) < 0.02
 
 def test_classifier_free_guidance():
@@ -285,7 +297,7 @@ def test_classifier_free_guidance():
 
 def test_seeded_sampling_is_reproducible():
     s, m, labels = D.make_schedule("cosine", 50), tiny_model(), torch.tensor([0, 1, 2, 3, 4])
-    how = D.choose_sampler(True, 50, steps=5)
+    how = D.choose_sampler(True, s, steps=5)
     a, b, c = (D.generate(m, s, labels, how, seed=seed, batch_size=2) for seed in (3, 3, 4))
     assert a.shape == (5, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
 
@@ -416,15 +428,15 @@ def test_asking_for_a_missing_gpu(trained, capsys):
     assert_one_line_error(*run(["sample", "--ckpt", trained, "--device", "cuda"], capsys)[::2], "cuda")
 
 def test_auto_precision_depends_on_the_hardware_only(monkeypatch):
-    cpu = torch.device("cpu")
-    assert D.pick_precision("fp32", cpu)[0] == "fp32" and D.pick_precision("bf16", cpu)[0] == "bf16"
+    assert D.setup_device("cpu", "fp32")[1] == "fp32" and D.setup_device("cpu", "bf16")[1] == "bf16"
     for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert D.pick_precision("auto", cpu)[0] == expected
+        assert D.setup_device("cpu", "auto")[1] == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability, expected in (((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):   # bf16 units from Ampere on
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        assert D.pick_precision("auto", torch.device("cuda"))[0] == expected
+        assert D.setup_device("cuda", "auto")[1] == expected
 
 
 META = torch.device("meta")
@@ -457,7 +469,7 @@ def test_training_sampling_and_evaluation_on_a_device():
         x0, y = torch.zeros(4, 1, 28, 28, device=META), torch.tensor([1, 2, 3, 4], device=META)
         next(D.train_loop(model, ema, opt, x0, y, s.to(META), cfg, torch.Generator().manual_seed(0), "fp32"))
         assert mode.syncs == 0                                    # the CPU never waits for the device
-        for how in (D.choose_sampler(True, 20, "ddpm"), D.choose_sampler(True, 20, eta=1.0), D.choose_sampler(False, 20)):
+        for how in (D.choose_sampler(True, s, "ddpm"), D.choose_sampler(True, s), D.choose_sampler(False, s)):
             D.generate(ema.eval(), s, torch.tensor([1, 2, D.NULL_LABEL]), how)
         D.classify(D.Classifier().to(META), torch.zeros(4, 1, 28, 28))
     assert not mode.float64, mode.float64
