@@ -1,17 +1,12 @@
 #!/usr/bin/env python3
 """ddpm_mnist.py: a denoising diffusion model (DDPM) on MNIST, in one file.
 
-Sections 1-6 are the method, in the order you would learn it: 1. data,
-2. the forward process, 3. the U-Net, 4. the loss and the training loop,
-5. the DDPM sampler, 6. DDIM and guidance. Sections 7-11 are what a run
-needs around it (devices, checkpoints, pictures, evaluation, the command
-line); a first read can skip them.
-
-    python ddpm_mnist.py train                # trains ./ddpm_mnist.pt
-    python ddpm_mnist.py sample --digit 7     # a grid of sevens in seconds
-
-Papers are cited where they are used, by author, year and equation number;
-"Ho et al." is the DDPM paper, Ho, Jain & Abbeel 2020.
+Sections 1-6 are the method, in the order you would learn it: data, the
+forward process, the U-Net, the loss and training loop, the DDPM sampler,
+DDIM and guidance. Sections 7-9 are what a run needs around it (devices,
+checkpoints, pictures, evaluation, the command line): a first read can skip
+them. Papers are cited by author, year and equation number; "Ho et al." is
+the DDPM paper, Ho, Jain & Abbeel 2020.
 """
 
 import argparse
@@ -23,9 +18,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections import namedtuple
-from typing import NamedTuple
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -67,8 +61,6 @@ class UserError(Exception):
 # from [0, 255] to 2 * pixel / 255 - 1 in [-1, 1]. Images left in [0, 1]
 # are the most common cause of washed-out samples. The set is small enough to
 # decode once into one tensor and index random batches from it.
-
-
 def load_mnist(data_dir, train=True, digit=None, limit=None):
     """Images as float32 [N, 1, 28, 28] in [-1, 1] and labels as int64 [N],
     from torchvision's MNIST in data_dir/MNIST/raw (downloaded if missing)."""
@@ -78,8 +70,8 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ds = datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:
-        raise UserError(f"MNIST could not be read from {raw} nor downloaded "
-                        f"({(str(e).strip().splitlines() or [type(e).__name__])[-1]}); put the four *-ubyte files there") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise UserError(f"MNIST is not in {raw} nor could it be downloaded ({why}); put the *-ubyte files there") from None
     x, y = ds.data, ds.targets                 # uint8 [N, 28, 28], int64 [N]
     if len(x) != len(y):
         split = "train" if train else "t10k"
@@ -97,11 +89,10 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
 # -----------------------------------------------------------------------------
 # 2. The forward process and noise schedules
 #
-# Indexing, once for the whole file: timesteps are 0-based, as arrays are,
-# t in {0, ..., T-1}, in training and in sampling alike (mixing 0- and 1-based
-# is a classic bug). x_t is the image after t + 1 steps of noise, the paper's
-# x_{t+1}; the clean image, the papers' x_0, is written x_start (the name in
-# Ho et al.'s code), so that no formula below means two things.
+# Indexing, once for the whole file: timesteps are 0-based, t in {0, ..., T-1},
+# as arrays are (mixing 0- and 1-based is a classic bug). x_t is the image after
+# t + 1 steps of noise, the paper's x_{t+1}; the clean image, the papers' x_0, is
+# x_start (the name in Ho et al.'s code), so that no formula means two things.
 #
 # The forward process destroys x_start with Gaussian noise over T steps, each
 # keeping sqrt(1 - beta_t) of the signal (Ho et al. eq. 2):
@@ -114,19 +105,15 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
 #
 #     x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) eps,   eps ~ N(0, I).
 #
-# How fast it falls is the schedule. Linear: beta_t from 1e-4 to 0.02 (Ho et
-# al. section 4), which on small images leaves the last third of the steps
-# almost pure noise, teaching little. Cosine (Nichol & Dhariwal 2021, eq. 17):
-# alpha_bar = f(t + 1) / f(0), f(t) = cos^2((t/T + 0.008) / 1.008 * pi/2),
-# betas clipped at 0.999: alpha_bar falls slowly at both ends, linearly between.
+# How fast it falls is the schedule. Linear: beta_t from 1e-4 to 0.02 (Ho et al.
+# section 4), which on small images leaves the last third of the steps almost pure
+# noise. Cosine (Nichol & Dhariwal 2021, eq. 17): alpha_bar = f(t + 1) / f(0),
+# f(t) = cos^2((t/T + 0.008) / 1.008 * pi/2), betas clipped at 0.999: alpha_bar
+# falls slowly at both ends, linearly between.
 
 
-class Schedule(NamedTuple):
-    """Every per-timestep constant the equations use, indexed by t = 0..T-1."""
-    betas: torch.Tensor
-    alphas: torch.Tensor
-    alphas_bar: torch.Tensor
-    posterior_variance: torch.Tensor   # beta~_t, Ho et al. eq. 7
+class Schedule(namedtuple("Schedule", "betas alphas alphas_bar posterior_variance")):
+    """Every per-timestep constant the equations use, indexed by t = 0..T-1 (posterior_variance: beta~_t, eq. 7)."""
 
     @property
     def T(self):
@@ -139,11 +126,9 @@ class Schedule(NamedTuple):
 def make_schedule(name, T):
     if name == "linear":     # scaled by 1000/T: any T adds as much noise as T = 1000 (as Nichol & Dhariwal do)
         betas = torch.linspace(0.1 / T, 20 / T, T, dtype=torch.float64)
-    elif name == "cosine":   # alpha_bar_t = f(t + 1) / f(0), so beta_t = 1 - f(t + 1) / f(t)
+    else:                    # cosine: alpha_bar_t = f(t + 1) / f(0), so beta_t = 1 - f(t + 1) / f(t)
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = 1 - f[1:] / f[:-1]
-    else:
-        raise UserError(f"unknown schedule {name!r}: use cosine or linear")
     betas = betas.clamp(max=0.999)
     alphas = 1 - betas                                                 # alpha_t = 1 - beta_t
     alphas_bar = torch.cumprod(alphas, dim=0)                          # alpha_bar_t = prod_{s <= t} alpha_s
@@ -173,10 +158,8 @@ def q_sample(x_start, t, eps, alphas_bar):
 # detail from the way down to the way up. t (a sinusoidal embedding, like a
 # Transformer's positions) and y enter every block as a scale s and shift b
 # (FiLM, Perez et al. 2018): h -> GroupNorm(h) * (1 + s(t, y)) + b(t, y).
-#
-# y has 11 embeddings: one per digit and one for "no label". Training shows
-# "no label" 20% of the time, so one network learns both p(x | y) and p(x),
-# which classifier-free guidance combines (section 6).
+# y has 11 embeddings, one per digit and one for "no label", shown 20% of the
+# time, so one network learns p(x | y) and p(x), which guidance combines.
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES   # the extra "no label" class
@@ -184,8 +167,7 @@ NULL_LABEL = NUM_CLASSES   # the extra "no label" class
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer timesteps: [B] -> [B, dim]."""
-    # Neighbouring t get similar vectors, far-apart t different ones; a raw
-    # number t in 0..999 would be a poorly scaled input for a network.
+    # Near t get similar vectors, far-apart t different ones: a raw t would be badly scaled.
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)   # f_k = 10000^(-2k/d)
     angles = t.float()[:, None] * freqs[None, :]                                        # t f_k
@@ -193,9 +175,8 @@ def timestep_embedding(t, dim):
 
 
 def zero_init(module):
-    # The last layer of each residual branch starts at zero, so every block
-    # starts as its skip path and the untrained U-Net outputs 0, the mean of
-    # the noise: stable from step one (Ho et al.'s code does the same).
+    # The last layer of each residual branch starts at zero, so every block starts as its skip
+    # path and the untrained U-Net outputs 0, the mean of the noise (as in Ho et al.'s code).
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
@@ -222,9 +203,8 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of the 7x7 map, residual: any
-    pixel with any other, so far-apart strokes are related in one layer. Its
-    cost grows with the square of the pixel count: hence only at the lowest resolution."""
+    """Multi-head self-attention over the 7x7 map's pixels, residual: far-apart strokes related in one
+    layer. Its cost grows with the square of the pixel count: hence only at the lowest resolution."""
 
     def __init__(self, channels, heads=4):
         super().__init__()
@@ -242,26 +222,22 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): [B, 1, 28, 28], [B], [B] -> [B, 1, 28, 28]. `channels`:
-    1 to 3 widths (28 pixels halve to 14 and 7), multiples of 8 for GroupNorm."""
+    """eps_theta(x_t, t, y): [B, 1, 28, 28], [B], [B] -> [B, 1, 28, 28]; 1 to 3 `channels`, multiples of 8."""
 
     def __init__(self, channels=(32, 64, 128)):
         super().__init__()
-        # Each level halves the resolution and widens the features, as in Ho
-        # et al.: coarser maps need more channels to describe what is where.
+        # Each level halves the resolution and widens the features, as in Ho et al.
         c0 = self.c0 = channels[0]
         emb = 4 * c0                                       # the conditioning vector's width, as in Ho et al.
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label_emb = nn.Embedding(NUM_CLASSES + 1, emb)
         self.stem = nn.Conv2d(1, c0, 3, padding=1)
-        # Down: a block per level, kept as that level's skip, then a strided
-        # 3x3 conv halves the resolution (a learned pooling).
+        # Down: a block per level, kept as its skip, then a strided 3x3 conv halves the resolution.
         self.down = nn.ModuleList(ResBlock(a, b, emb) for a, b in zip([c0, *channels], channels))
         self.downsample = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in channels[:-1])
         c = channels[-1]
         self.mid1, self.mid_attn, self.mid2 = ResBlock(c, c, emb), SelfAttention(c), ResBlock(c, c, emb)
-        # Up: the mirror image; each level first concatenates its skip. To
-        # double the resolution we resize, then convolve: a transposed
+        # Up: the mirror image, each level with its skip; resize, then convolve, as a transposed
         # convolution tends to print a checkerboard pattern (Odena et al. 2016).
         self.up = nn.ModuleList(ResBlock(2 * c, c, emb) for c in reversed(channels))
         self.upsample = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 3, padding=1))
@@ -294,16 +270,12 @@ class UNet(nn.Module):
 #
 #     L_simple = E || eps - eps_theta(x_t, t, y) ||^2.
 #
-# Around it: Min-SNR weights (Hang et al. 2023), label dropout for guidance
-# (Ho & Salimans 2022, Algorithm 1), AdamW with warm-up, cosine decay and
-# gradient clipping, and an exponential moving average (EMA) of the weights,
-# which is what we sample with: while the learning rate is high the raw
-# weights jitter from batch to batch, and the average smooths that out.
-#
-# Every random draw (data order, t, eps, label dropout) comes from one CPU
-# generator `gen`: the same draws on any device, and a resumed run that saved
-# the generator goes on exactly as if it had never stopped. The network may
-# run under bfloat16 autocast; the loss, schedule and samplers stay in float32.
+# Around it: Min-SNR weights (Hang et al. 2023), label dropout for guidance (Ho
+# & Salimans 2022, Algorithm 1), AdamW with warm-up, cosine decay and gradient
+# clipping, and an exponential moving average (EMA) of the weights, which we
+# sample with: it smooths out the raw weights' jitter. Every random draw comes
+# from one CPU generator, the same on any device and saved with a run, so that
+# a resumed run goes on exactly. The loss and the samplers stay in float32.
 
 P_UNCOND = 0.2
 MIN_SNR_GAMMA = 5.0
@@ -317,12 +289,10 @@ def autocast(device, precision):
 
 
 def diffusion_loss(model, x_start, y, sched, gen):
-    """L_simple on one batch (Algorithm 1), each image's error weighted by
-    min(SNR_t, 5) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-5,
-    Hang et al. 2023). Why: with x_start_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab),
-    the clean image the estimate implies (eq. 15), ||eps - eps_hat||^2
-    = SNR_t ||x_start - x_start_hat||^2, so L_simple weights step t by SNR_t,
-    and the nearly clean steps, where only invisible detail is left, dominate."""
+    """L_simple on one batch (Algorithm 1), each image's error weighted by min(SNR_t, 5) / SNR_t,
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-5, Hang et al. 2023). Why: with x_start_hat the
+    clean image the estimate implies (eq. 15), ||eps - eps_hat||^2 = SNR_t ||x_start - x_start_hat||^2,
+    so L_simple weights step t by SNR_t: the nearly clean steps, all invisible detail, dominate."""
     B, device = len(x_start), x_start.device
     t = torch.randint(0, sched.T, (B,), generator=gen)            # t ~ Uniform({0, ..., T-1})
     eps = torch.randn(x_start.shape, generator=gen)               # eps ~ N(0, I)
@@ -345,18 +315,9 @@ def get_lr(step, total_steps, peak):
     return peak * (0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
 
 
-def ema_update(ema, model, step):
-    """ema <- decay ema + (1 - decay) model, after optimisation step `step` = 1, 2, ..."""
-    decay = min(EMA_DECAY, step / (9 + step))   # ramps up, not to stay anchored at the random init
-    with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), model.parameters()):
-            p_ema.lerp_(p, 1 - decay)
-
-
 def train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step=0):
-    """Algorithm 1 on shuffled batches for cfg["epochs"] epochs, from `step` on (a
-    resumed run); yields (step, loss) after every optimisation step. The loss is
-    left on the device: reading it would make the CPU wait for a GPU every step."""
+    """Algorithm 1 on shuffled batches for cfg["epochs"] epochs, from `step` on; yields (step, loss)
+    after every step, the loss left on the device (reading it would make the CPU wait for a GPU)."""
     batch = cfg["batch_size"]
     steps_per_epoch = math.ceil(len(x_all) / batch)
     total_steps = cfg["epochs"] * steps_per_epoch
@@ -374,7 +335,10 @@ def train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step=0
                 group["lr"] = get_lr(step, total_steps, cfg["lr"])
             opt.step()
             step += 1
-            ema_update(ema, model, step)
+            decay = min(EMA_DECAY, step / (9 + step))   # ramps up, not to stay anchored at the random init
+            with torch.no_grad():                       # ema = decay ema + (1 - decay) model
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
             yield step, loss.detach()
 
 
@@ -386,23 +350,18 @@ def train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step=0
 #
 #     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z,
 #
-# z ~ N(0, I). Its first term is the mean of the true posterior
-# q(x_{t-1} | x_t, x_start) (eq. 6-7) at the clean image that the predicted
-# noise implies (eq. 15),
+# z ~ N(0, I). Its first term is the mean of the true posterior q(x_{t-1} | x_t,
+# x_start) (eq. 6-7) at the clean image that the predicted noise implies (eq. 15),
 #
 #     x_start_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t).
 #
 # Algorithm 2 leaves sigma_t open; section 3.2 offers sigma_t^2 = beta_t or the
-# posterior's own variance beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
-# (eq. 7). We take beta~_t: it is also what makes DDIM with eta = 1 on all T
-# steps this very sampler (section 6).
-#
-# One addition, as in Ho et al.'s code: x_start_hat is clipped to [-1, 1], and
-# eps replaced by the noise the clipped estimate implies. Early on it is a
-# wild guess; unclipped, it leaves a speckled, washed-out look (--no-clip).
-# eps_model(x_t, t) is the network with the digit y fixed (section 6 builds
-# it, with guidance). Noise is drawn on the CPU from a seeded generator, then
-# moved: a seed gives the same samples on any device, up to floating point.
+# posterior's variance beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+# (eq. 7). We take beta~_t, which makes DDIM with eta = 1 on all T steps this
+# very sampler (section 6). As in Ho et al.'s code, x_start_hat, early on a wild
+# guess, is clipped to [-1, 1], and eps replaced by the noise the clipped one
+# implies (--no-clip: speckled, washed-out samples). eps_model(x_t, t) is the
+# network with the digit y fixed (section 6 builds it, with guidance).
 
 
 def clip_x_start(x_t, eps, ab):
@@ -439,20 +398,17 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 # eta = 0 is deterministic, and 20 steps approach DDPM's 1000 (Song et al.
 # section 5); eta = 1 on all T steps is DDPM exactly.
 #
-# Which timesteps: at t = T-1 alpha_bar is ~0, and x_start_hat, divided by
-# sqrt(alpha_bar), is ill-conditioned. So the steps start where the noise is
-# SIGMA_MAX times the signal, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = 80
-# (Karras et al. 2022's sigma_max), and are evenly spaced in the log signal-to-
-# noise ratio, log(alpha_bar_t / (1 - alpha_bar_t)), down to t = 0, as DPM-Solver
-# (Lu et al. 2022) spaces its steps: even steps in t would spend few where
-# the image forms.
+# Which timesteps: at t = T-1, alpha_bar is ~0 and x_start_hat, divided by its
+# root, ill-conditioned. So the steps start where the noise is sigma_t = sqrt((1 -
+# alpha_bar_t) / alpha_bar_t) = SIGMA_MAX = 80 times the signal (Karras et al.
+# 2022's sigma_max), evenly spaced in log SNR = log(alpha_bar_t / (1 - alpha_bar_t))
+# down to t = 0 as in DPM-Solver (Lu et al. 2022): even in t, few fall where the image forms.
 #
-# Which eta: eta = 0 follows the network's probability-flow ODE and carries
-# its errors into the image; fresh noise pulls the sample back towards the
-# marginals and corrects them (Karras et al. 2022, section 4), which a short
-# run's model needs, but over 20 steps it also blurs. So by default, as
-# Karras et al. add noise only over a range of noise levels, eta is 1 while
-# alpha_bar_t < NOISY_BELOW (nearly all noise, the digit not yet chosen), then 0.
+# Which eta: eta = 0 follows the network's ODE and carries its errors into the
+# image; fresh noise corrects them (Karras et al. 2022, section 4), as a short
+# run's model needs, but over 20 steps it blurs. So, as Karras et al. add noise
+# only over a range of noise levels, eta is 1 by default while alpha_bar_t <
+# NOISY_BELOW (nearly all noise, no digit chosen yet), then 0.
 #
 # Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
 # the label and with "no label", and extrapolates away from the latter:
@@ -460,13 +416,11 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 #     eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, none).
 #
 # A larger w gives more typical, more clearly-that-digit samples, at some cost
-# in variety. With no digit asked for, p(x) = sum_y p(y) p(x | y): draw a
-# digit per sample, then a sample of it, sharpened by guidance. Dhariwal &
-# Nichol 2021 and Karras et al. 2022 also draw a label per sample, uniformly;
-# this file draws with MNIST's own digit frequencies, so that p(y) is the
-# data's. The network's own unconditional model saw a fifth of the training
-# and draws worse digits; --uncond shows it, with DDIM at eta = 1, whose fresh
-# noise at every step corrects some of its mistakes.
+# in variety. With no digit asked for, p(x) = sum_y p(y) p(x | y): draw a digit
+# per sample, then a sample of it. Dhariwal & Nichol 2021 and Karras et al.
+# 2022 also draw a label per sample, uniformly; this file uses MNIST's own digit
+# frequencies as p(y). The unconditional model saw a fifth of the training and
+# draws worse digits (--uncond, with eta = 1 at every step to correct some).
 
 
 def guided(model, y, w, precision):
@@ -489,20 +443,15 @@ def ddim_first_step(alphas_bar):
 
 
 def ddim_timesteps(alphas_bar, steps):
-    """`steps` distinct timesteps, from ddim_first_step down to 0, evenly spaced in
-    log SNR_t = log(alpha_bar_t / (1 - alpha_bar_t)), or as near as integers allow."""
+    """`steps` distinct timesteps from ddim_first_step down to 0, evenly spaced in log SNR as near
+    as integers allow, and the default eta of each: 1 while alpha_bar_t < NOISY_BELOW, then 0."""
     log_snr = (alphas_bar.double() / (1 - alphas_bar.double())).log()   # falls as t grows
     first = ddim_first_step(alphas_bar)
     targets = torch.linspace(log_snr[first].item(), log_snr[0].item(), steps, dtype=torch.float64)
     ts = [int((log_snr - v).abs().argmin()) for v in targets]
     for i in reversed(range(steps - 1)):   # where the nearest timesteps coincide, the next one up
         ts[i] = min(max(ts[i], ts[i + 1] + 1), first - i)
-    return ts
-
-
-def ddim_etas(alphas_bar, ts):
-    """The default eta per step: 1 while alpha_bar_t < NOISY_BELOW, then 0."""
-    return [float(alphas_bar[t] < NOISY_BELOW) for t in ts]
+    return ts, [float(alphas_bar[t] < NOISY_BELOW) for t in ts]
 
 
 @torch.no_grad()
@@ -537,25 +486,18 @@ def random_digits(n, seed, digit=None):
 
 
 # -----------------------------------------------------------------------------
-# 7. Running the method: device, precision, and the sampler's settings
-#
-# From here on, what a run needs around the method; a first read can skip it.
-# `--precision auto` runs the network in bf16 where the hardware has bf16
-# units, deciding by the hardware alone, never by a timing: a command repeats
-# exactly however busy the machine is. `generate` draws any number of samples
-# in batches, from one seeded generator.
-
-
+# 7. Running the method: device, precision, the sampler's settings, checkpoints.
+# From here on, what a run needs around the method: a first read can skip it. A
+# checkpoint is plain data (the run's config, step and EMA weights, and until the
+# run ends what a resume needs), written atomically, read with weights_only.
 def setup_device(name, precision):
-    """(device, precision, why) for --device (auto: CUDA, then Apple's MPS, then
-    the CPU) and --precision. On CUDA, what stays in fp32 may use TF32."""
+    """(device, precision, why) for --device (auto: CUDA, then Apple's MPS, then the CPU) and --precision
+    (auto: bf16 where the hardware has bf16 units, by the hardware alone, so that a command repeats)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name != "cpu" and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
         raise UserError(f"--device {name}: PyTorch sees no such device here")   # never silently the CPU
     device = torch.device(name)
-    if name == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if precision != "auto":
         return device, precision, "--precision"
     if name == "cuda":
@@ -567,17 +509,16 @@ def setup_device(name, precision):
     return device, "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
 
 
-class Sampler(namedtuple("Sampler", "name steps eta guidance clip")):   # eta None: ddim_etas
+class Sampler(namedtuple("Sampler", "name steps eta guidance clip")):   # eta None: ddim_timesteps' etas
     def __str__(self):   # e.g. "DDIM 20 steps, eta 1 while alpha_bar < 0.05 then 0, guidance 0.25"
-        eta = f"{self.eta:g}" if self.eta is not None else f"1 while alpha_bar < {NOISY_BELOW:g} then 0"
-        return (f"{self.name.upper()} {self.steps} steps" + (f", eta {eta}" if self.name == "ddim" else "")
-                + (f", guidance {self.guidance:g}" if self.guidance else ""))
+        eta = "" if self.name == "ddpm" else f", eta {self.eta:g}" if self.eta is not None else \
+            f", eta 1 while alpha_bar < {NOISY_BELOW:g} then 0"
+        return f"{self.name.upper()} {self.steps} steps{eta}" + (f", guidance {self.guidance:g}" if self.guidance else "")
 
 
 def choose_sampler(labelled, sched, name=None, steps=None, eta=None, guidance=None, clip=True):
-    """The sampling defaults, decided here only: DDIM in STEPS steps; guided, with
-    fresh noise only at the start (ddim_etas), for samples with a digit; eta 1 at
-    every step for the unconditional model, whose mistakes it corrects."""
+    """The sampling defaults, decided here only: DDIM in STEPS steps; guided, with fresh noise only at
+    the start (ddim_timesteps), for samples with a digit; eta 1 at every step for the unconditional model."""
     name = name or "ddim"
     if name == "ddpm" and (eta is not None or steps is not None):
         raise UserError("--eta and --steps are DDIM's; DDPM always takes all T steps with eta 1")
@@ -597,18 +538,16 @@ def choose_sampler(labelled, sched, name=None, steps=None, eta=None, guidance=No
 
 
 def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="fp32", callback=None):
-    """Draw len(labels) images in batches (label NULL_LABEL: "no label"); a CPU
-    tensor in [-1, 1]. `callback(x_t)` sees the first batch after every step."""
+    """len(labels) images (NULL_LABEL: none) in [-1, 1], the same on any device; callback(x_t): batch 1."""
     if sampler.name == "ddim":
-        ts = ddim_timesteps(sched.alphas_bar, sampler.steps)
-        etas = ddim_etas(sched.alphas_bar, ts) if sampler.eta is None else [sampler.eta] * len(ts)
+        ts, etas = ddim_timesteps(sched.alphas_bar, sampler.steps)
+        etas = etas if sampler.eta is None else [sampler.eta] * len(ts)
     device = next(model.parameters()).device
     sched, gen, out = sched.to(device), torch.Generator().manual_seed(seed), []   # one generator: a seed fixes all
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
         x = torch.randn((len(y), 1, 28, 28), generator=gen).to(device)   # pure noise
-        cb = callback if start == 0 else None
-        if cb:
+        if cb := callback if start == 0 else None:
             cb(x)
         eps_model = guided(model, y, sampler.guidance, precision)
         if sampler.name == "ddpm":
@@ -621,43 +560,27 @@ def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="f
     return torch.cat(out)
 
 
-# -----------------------------------------------------------------------------
-# 8. Checkpoints
-#
-# A checkpoint is a dict of plain data: the run's config, the step, the EMA
-# weights and, until the run ends, what a resume needs. It is written to a
-# temporary file and renamed, so a save that dies halfway leaves the previous
-# one whole, and read with weights_only, so a file can never run code. Its
-# config is checked before anything else is done with it.
+INT_RANGES = dict(timesteps=(2, 100_000), epochs=(1, 10 ** 6), batch_size=(1, 10 ** 6), seed=(0, 2 ** 63 - 1),
+                  digit=(0, 9), limit=(1, 10 ** 9))   # epochs, digit and limit may also be None: the default
 
 
 def config_problem(cfg):
     """What is wrong with a run's config, as the flag that sets it and what it must be; None if nothing."""
-    def whole(v, lo, hi, optional=False):
-        return (optional and v is None) or (type(v) is int and lo <= v <= hi)
-    rules = {   # each value's test, and what it must be
-        "channels": (lambda v: type(v) is list and 1 <= len(v) <= 3 and all(whole(c, 8, 4096) and c % 8 == 0 for c in v),
-                     "1 to 3 widths (28 pixels halve to 14 and 7, no further), each a multiple of 8 up to 4096"),
-        "schedule": (lambda v: v in ("cosine", "linear"), "cosine or linear"),
-        "timesteps": (lambda v: whole(v, 2, 100_000), "2 to 100,000"),
-        "epochs": (lambda v: whole(v, 1, 10 ** 6, optional=True), "at least 1"),
-        "batch_size": (lambda v: whole(v, 1, 10 ** 6), "at least 1"),
-        "lr": (lambda v: type(v) is float and 0 < v <= 1, "above 0 and at most 1"),
-        "seed": (lambda v: whole(v, 0, 2 ** 63 - 1), "0 to 2^63 - 1"),
-        "digit": (lambda v: whole(v, 0, 9, optional=True), "0 to 9"),
-        "limit": (lambda v: whole(v, 1, 10 ** 9, optional=True), "at least 1"),
-    }
-    if not isinstance(cfg, dict):
-        return "it is not a dict"
-    for key, (ok, need) in rules.items():
-        if key not in cfg or not ok(cfg[key]):
-            flag = f"--{key.replace('_', '-')}"
-            return f"{flag} {cfg[key]}: must be {need}" if key in cfg else f"{flag} is missing"
+    if not isinstance(cfg, dict) or not set(TRAIN) <= set(cfg):
+        return f"it is not a dict with {', '.join(TRAIN)}"
+    ok = {"channels": type(cfg["channels"]) is list and 1 <= len(cfg["channels"]) <= 3
+          and all(type(c) is int and 8 <= c <= 4096 and c % 8 == 0 for c in cfg["channels"]),
+          "schedule": cfg["schedule"] in ("cosine", "linear"), "lr": type(cfg["lr"]) is float and 0 < cfg["lr"] <= 1}
+    ok |= {k: (type(cfg[k]) is int and lo <= cfg[k] <= hi) or (cfg[k] is None and k in ("epochs", "digit", "limit"))
+           for k, (lo, hi) in INT_RANGES.items()}
+    need = dict(channels="1 to 3 widths (28 pixels halve to 14 and 7, no further), each a multiple of 8 up to 4096",
+                schedule="cosine or linear", lr="above 0 and at most 1",
+                **{k: f"{lo:,} to {hi:,}" for k, (lo, hi) in INT_RANGES.items()})
+    return next((f"--{k.replace('_', '-')} {cfg[k]}: must be {need[k]}" for k in TRAIN if not ok[k]), None)
 
 
 def atomic_save(obj, path):
-    """Write a temporary file beside `path` (a name no other process uses), then
-    rename it over `path`: a save that dies halfway leaves the previous file intact."""
+    """A temporary file beside `path`, renamed over it: a save that dies halfway leaves the last one whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
@@ -672,7 +595,7 @@ def atomic_save(obj, path):
         raise
 
 
-def load_checkpoint(path, resume=False):
+def load_checkpoint(path):
     """A checkpoint as plain data, and the U-Net it describes, with its EMA weights."""
     path = Path(path)
     if not path.is_file():
@@ -685,8 +608,6 @@ def load_checkpoint(path, resume=False):
         raise UserError(f"{path} is not a ddpm_mnist checkpoint")
     if problem := config_problem(ckpt.get("config")):
         raise UserError(f"{path}: its config is damaged ({problem})")
-    if resume and "optimizer" in ckpt and (missing := [k for k in ("model", "rng", "step") if k not in ckpt]):
-        raise UserError(f"{path}: it lacks {', '.join(missing)} to resume from; the file is damaged")
     try:
         model = UNet(ckpt["config"]["channels"])
         model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
@@ -696,11 +617,6 @@ def load_checkpoint(path, resume=False):
     if not all(torch.isfinite(p).all() for p in model.state_dict().values()):   # black pictures, a broken FID
         raise UserError(f"{path}: some of its weights are NaN or infinite; the file is damaged")
     return ckpt, model
-
-
-# -----------------------------------------------------------------------------
-# 9. Pictures: grids, each sample as a PNG, and the reverse process as a GIF,
-# in 8-bit grayscale. A folder is made only when its first file is written.
 
 
 def to_uint8(x):
@@ -729,21 +645,15 @@ def save_each(x, out_dir):
 
 
 # -----------------------------------------------------------------------------
-# 10. Evaluation: how good are the samples?
+# 8. Pictures, in 8-bit grayscale, and evaluation: how good are the samples?
 #
 # The Frechet Inception Distance (Heusel et al. 2017) fits a Gaussian to the
 # features of real and of generated images and measures their distance,
-#
-#     FID = |mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)).
-#
-# Here the features are the 128-d penultimate layer of a small classifier
-# trained on MNIST (Inception's need a download, and see digits as blobs),
-# so they are NOT comparable with FIDs in papers; compare them with each
-# other and with the "floor", as many real training images scored the same
-# way (FID is biased upwards for small n), real images of the same digits
-# where the samples have labels. The classifier also tells each sample's digit.
-
-
+# |mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)). Here the features are the
+# 128-d penultimate layer of a small MNIST classifier (Inception's need a download,
+# and see digits as blobs): NOT comparable with FIDs in papers. Compare them with
+# each other and with the "floor", as many real training images (of the same
+# digits, where samples have labels) scored alike, as FID is biased up for small n.
 class Classifier(nn.Module):
     def __init__(self):
         super().__init__()
@@ -752,10 +662,7 @@ class Classifier(nn.Module):
         self.body = nn.Sequential(conv(1, 32), conv(32, 32), nn.MaxPool2d(2),
                                   conv(32, 64), conv(64, 64), nn.MaxPool2d(2), nn.Flatten(),
                                   nn.Linear(64 * 7 * 7, 128), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, NUM_CLASSES))
-
-    def forward(self, x):
-        return self.head(self.body(x))
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, NUM_CLASSES))   # logits: head(body(x))
 
 
 @torch.no_grad()
@@ -792,21 +699,18 @@ def load_or_train_classifier(path, data_dir, device, precision, epochs=3, batch_
             dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
             xb = torch.roll(F.pad(x[idx], (2, 2, 2, 2), value=-1), (dy, dx), dims=(2, 3))[:, :, 2:-2, 2:-2]
             with autocast(device, precision):
-                loss = F.cross_entropy(clf(xb.to(device)).float(), y[idx].to(device))
+                loss = F.cross_entropy(clf.head(clf.body(xb.to(device))).float(), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        print(f"classifier epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}", flush=True)
     atomic_save({"classifier": clf.state_dict()}, path)
     return clf.eval()
 
 
 def fid(feats_a, feats_b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), symmetric in a and b, in
-    float64 (it subtracts large traces), with tr((S_a S_b)^(1/2)) = tr((S_a^(1/2)
-    S_b S_a^(1/2))^(1/2)), whose inner matrix is symmetric: symmetric
-    eigendecompositions are all it takes."""
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), symmetric in a and b, in float64 (it
+    subtracts large traces); tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), symmetric."""
     mu_a, mu_b = feats_a.double().mean(0), feats_b.double().mean(0)
     cov_a, cov_b = torch.cov(feats_a.double().T), torch.cov(feats_b.double().T)
     w, v = torch.linalg.eigh(cov_a)
@@ -823,25 +727,21 @@ def same_digits(y_real, labels, gen):
 
 
 # -----------------------------------------------------------------------------
-# 11. The command line
-#
-# A user's mistake (a missing file, a digit that is not a digit, an output
-# that cannot be written, flags that contradict each other) is one line and a
-# failing exit, never a traceback, found before the work starts. Two can only
-# be found while it runs: a loss that turns NaN, and a run that appears at
-# --ckpt meanwhile; both stop it before anything is overwritten.
+# 9. The command line. A user's mistake is one line and a failing exit, never a
+# traceback, found before the work starts; only a NaN loss and a run that appears
+# at --ckpt meanwhile are found while it runs, and stop it before any overwrite.
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 MAX_SAMPLES = 50_000   # --n; evaluate's floor needs as many real images of each digit
 
 
-def check_writable(path, flag, image=False):
-    """Fail now, not after an hour of work, if file `path` could not be written; creates nothing."""
+def check_writable(path, flag, types=IMAGE_TYPES):
+    """Fail now, not after an hour of work, if file `path` (of one of `types`) could not be written; creates nothing."""
     if path is None:
         return None
     path = Path(path)
-    if image and path.suffix.lower() not in IMAGE_TYPES:
-        raise UserError(f"{flag} {path}: not a kind of image that can be written; use .png")
+    if types and path.suffix.lower() not in types:
+        raise UserError(f"{flag} {path}: the file name must end in {' or '.join(types[:2])}")
     if path.is_dir():
         raise UserError(f"{flag} {path}: it is a folder")
     if not (folder := next(p for p in path.parents if p.exists())).is_dir():   # the nearest one that is there
@@ -859,8 +759,8 @@ def check_range(value, lo, hi, flag):
 
 
 def cmd_train(args):
-    ckpt_path = check_writable(args.ckpt, "--ckpt")
-    check_writable(ckpt_path.with_name(f"{ckpt_path.stem}_epoch01.png"), "--ckpt (its grids)", image=True)
+    ckpt_path = check_writable(args.ckpt, "--ckpt", types=None)
+    check_writable(ckpt_path.with_name(f"{ckpt_path.stem}_epoch01.png"), "--ckpt (its grids)")
     # The config holds all that defines a run: the defaults and the flags given,
     # or a resumed run's own, which a flag that contradicts it may not change.
     given = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
@@ -871,7 +771,7 @@ def cmd_train(args):
         if problem := config_problem(cfg):
             raise UserError(problem)
     else:
-        ckpt, _ = load_checkpoint(ckpt_path, resume=True)
+        ckpt, _ = load_checkpoint(ckpt_path)
         cfg = ckpt["config"]
         if clashes := [f"--{k.replace('_', '-')} {v} (it has {cfg[k]})" for k, v in given.items() if cfg[k] != v]:
             raise UserError(f"--resume continues {ckpt_path} with its own config, but you gave "
@@ -889,13 +789,11 @@ def cmd_train(args):
             for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
                 obj.load_state_dict(ckpt[key])
             gen.set_state(ckpt["rng"])
-        except (RuntimeError, TypeError, ValueError, KeyError):
-            raise UserError(f"{ckpt_path}: its training state is damaged; it cannot be resumed") from None
-        step = ckpt["step"]
-        print(f"resuming {ckpt_path} at step {step}")
+            step = int(ckpt["step"])
+        except (RuntimeError, TypeError, ValueError, KeyError) as e:
+            raise UserError(f"{ckpt_path} cannot be resumed: its training state is damaged ({type(e).__name__} {e})") from None
     for stale in [p for p in ckpt_path.parent.glob("*.tmp") if p.name.startswith(ckpt_path.name + ".")]:
         stale.unlink()                                   # left by a save that was killed
-
     x_all, y_all = load_mnist(args.data_dir, True, cfg["digit"], cfg["limit"])
     x_all, y_all = x_all.to(device), y_all.to(device)
     cfg["epochs"] = cfg["epochs"] or math.ceil(TRAIN_IMAGES / len(x_all))   # steps matter more than epochs
@@ -908,22 +806,20 @@ def cmd_train(args):
     for step, loss in train_loop(model, ema, opt, x_all, y_all, sched.to(device), cfg, gen, precision, step):
         losses.append(loss)
         if time.time() - t_start - last_print > 10 or step % per_epoch == 0:
-            # The losses since the last line, read in one go: a NaN stops the
-            # run before a checkpoint could save the weights it poisoned.
+            # The losses since the last line, read at once: a NaN stops the run before a save.
             losses = torch.stack(losses)
             if len(bad := (~torch.isfinite(losses)).nonzero()):
                 where = f"the last good checkpoint is {ckpt_path}" if saved else "no checkpoint was saved"
                 raise UserError(f"the loss became {losses[int(bad[0])].item()} at step "
                                 f"{step - len(losses) + int(bad[0]) + 1}; try a lower --lr ({where})")
             last_print, rate = time.time() - t_start, (step - first) * cfg["batch_size"] / (time.time() - t_start)
-            print(f"epoch {math.ceil(step / per_epoch)}/{cfg['epochs']}  step {step}/{total}  loss {losses.mean().item():.4f}"
-                  f"  lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  left {(total - step) * cfg['batch_size'] / rate / 60:.1f} min",
-                  flush=True)
+            left = (total - step) * cfg["batch_size"] / rate / 60
+            print(f"epoch {math.ceil(step / per_epoch)}/{cfg['epochs']}  step {step}/{total}  loss {losses.mean():.4f}  "
+                  f"lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  left {left:.1f} min", flush=True)
             losses = []
         if step % (math.ceil(cfg["epochs"] / 10) * per_epoch) and step < total:
             continue   # saves after every epoch, or every tenth of a longer run
-        # What a resume needs; the last save keeps only what sampling needs, the
-        # EMA weights in fp16, 1/8 the size. Then a grid, drawn as `sample` does.
+        # What a resume needs; the last save, only the EMA weights in fp16. Then a grid, as `sample` draws.
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), rng=gen.get_state())
         if step == total:
             state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
@@ -950,14 +846,11 @@ def parse_prompt(text):
 def load_model(args, labelled):
     """The model (--ckpt, else ./ddpm_mnist.pt, else the shipped one), config, schedule, sampler, precision."""
     check_range(args.seed, 0, 2 ** 63 - 1, "--seed")
-    if args.batch_size is not None:
-        check_range(args.batch_size, 1, 100_000, "--batch-size")
     path = Path(args.ckpt or (CKPT if Path(CKPT).is_file() else SHIPPED))
     ckpt, model = load_checkpoint(path)
     sched = make_schedule(ckpt["config"]["schedule"], ckpt["config"]["timesteps"])
     sampler = choose_sampler(labelled, sched, args.sampler, args.steps, args.eta, args.guidance, not args.no_clip)
     device, precision, why = setup_device(args.device, args.precision)
-    args.batch_size = args.batch_size or (100 if device.type == "cpu" else 1000)   # a GPU wants big batches
     print(f"checkpoint: {path} (trained {ckpt.get('step', '?')} steps) | {device} {precision} ({why})")
     return model.to(device).eval(), sched, ckpt["config"], sampler, precision
 
@@ -976,12 +869,10 @@ def pick_labels(args, n, cfg):
 
 
 def cmd_sample(args):
-    if args.per_class is not None:
-        if args.n is not None:
-            raise UserError("--per-class K draws 10 K samples: drop --n")
-        check_range(args.per_class, 1, MAX_SAMPLES // 10, "--per-class")
-    n = 64 if args.n is None else args.n
-    check_range(n, 1, MAX_SAMPLES, "--n")
+    if args.per_class is not None and args.n is not None:
+        raise UserError("--per-class K draws 10 K samples: drop --n")
+    n, k = 64 if args.n is None else args.n, args.per_class
+    check_range(n if k is None else k, 1, MAX_SAMPLES // (1 if k is None else 10), "--n" if k is None else "--per-class")
     args.digit = parse_prompt(args.prompt) if args.prompt is not None else args.digit
     out = Path(args.out or ("samples/prompt_{digit}.png" if args.interactive else "sample.png"))
     if args.interactive:
@@ -995,23 +886,30 @@ def cmd_sample(args):
             raise UserError("--interactive reads prompts from standard input, which is closed")
     elif "{digit}" in str(out):
         raise UserError(f"--out {out}: {{digit}} is filled in only with --interactive")
-    if args.gif and not args.gif.lower().endswith(".gif"):
-        raise UserError(f"--gif {args.gif}: the file name must end in .gif")
     files = {"--out": Path(str(out).replace("{digit}", "0")), "--trajectory": args.trajectory, "--gif": args.gif}
     for flag, path in (*files.items(), ("--out-dir", args.out_dir and Path(args.out_dir) / "00000.png")):
-        check_writable(path, flag, image=True)
+        check_writable(path, flag, (".gif",) if flag == "--gif" else IMAGE_TYPES)
     if len(given := [Path(p).resolve() for p in files.values() if p]) > len(set(given)):
         raise UserError("--out, --trajectory and --gif each need a file of their own")
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
-    run = dict(seed=args.seed, batch_size=args.batch_size, precision=precision)
-    if args.interactive:
-        return interactive(model, sched, sampler, str(out), n, run)
+    while args.interactive:   # a grid per line of stdin until an empty line; a bad word is reported and skipped
+        if sys.stdin.isatty():
+            print("prompt (a digit or a number word; empty line to quit)> ", end="", flush=True)
+        if not (line := sys.stdin.readline()).strip():
+            return
+        try:
+            path = str(out).replace("{digit}", str(digit := parse_prompt(line)))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        x = generate(model, sched, torch.full((n,), digit), sampler, args.seed, precision=precision)
+        save_image(grid_image(x, math.ceil(math.sqrt(n))), path)
     labels, what = pick_labels(args, n, cfg)
     nrow = args.per_class or math.ceil(math.sqrt(n))
     frames = []   # every x_t of the first batch (at most 64 images), for --trajectory and --gif
     keep = (lambda x_t: frames.append(x_t[:64].clamp(-1, 1).cpu())) if args.trajectory or args.gif else None
     t0 = time.time()
-    x = generate(model, sched, labels, sampler, **run, callback=keep)
+    x = generate(model, sched, labels, sampler, args.seed, precision=precision, callback=keep)
     print(f"{len(x)} samples ({what}; {sampler}) in {time.time() - t0:.1f} s")
     save_image(grid_image(x, nrow), out)
     if args.out_dir:
@@ -1026,45 +924,27 @@ def cmd_sample(args):
                    duration=[80] * (len(grids) - 1) + [2000])
 
 
-def interactive(model, sched, sampler, pattern, n, run):
-    """A grid per line of stdin until an empty line; a bad word is reported and skipped."""
-    while True:
-        if sys.stdin.isatty():
-            print("prompt (a digit or a number word; empty line to quit)> ", end="", flush=True)
-        if not (line := sys.stdin.readline()).strip():
-            break
-        try:
-            path = pattern.replace("{digit}", str(digit := parse_prompt(line)))
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        save_image(grid_image(generate(model, sched, torch.full((n,), digit), sampler, **run), math.ceil(math.sqrt(n))), path)
-
-
 def cmd_forward(args):
     check_range(args.n, 1, 64, "--n")
-    check_range(args.timesteps, 2, 100_000, "--timesteps")
-    out = check_writable(args.out, "--out", image=True)
+    out = check_writable(args.out, "--out")
     # Rows of x_t at 11 t from 0 to T-1, the linear schedule's above the cosine
     # one's, with the same noise: they differ only in how fast alpha_bar falls.
     x_start = load_mnist(args.data_dir, limit=args.n)[0]
     eps = torch.randn(x_start.shape, generator=torch.Generator().manual_seed(0))
-    ts = torch.linspace(0, args.timesteps - 1, 11).round().long()
-    rows = [torch.cat([q_sample(x_start[i:i + 1], ts, eps[i:i + 1], make_schedule(name, args.timesteps).alphas_bar)
+    ts = torch.linspace(0, TRAIN["timesteps"] - 1, 11).round().long()
+    rows = [torch.cat([q_sample(x_start[i:i + 1], ts, eps[i:i + 1], make_schedule(name, TRAIN["timesteps"]).alphas_bar)
                        for i in range(len(x_start))]) for name in ("linear", "cosine")]
-    print(f"t = {', '.join(map(str, ts.tolist()))}")
     save_image(grid_image(torch.cat([rows[0], torch.ones(11, 1, 28, 28), rows[1]]), nrow=11), out)   # white row between
 
 
 def cmd_evaluate(args):
     check_range(args.n, 2, MAX_SAMPLES, "--n")   # FID needs a covariance
-    check_writable(args.classifier, "--classifier")
-    check_writable(args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir", image=True)
+    check_writable(args.classifier, "--classifier", types=None)
+    check_writable(args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir")
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
-    device = next(model.parameters()).device
     # 1. the judge: a classifier, and the features of the real test images
     x_test, y_test = load_mnist(args.data_dir, train=False)
-    clf = load_or_train_classifier(args.classifier, args.data_dir, device, precision)
+    clf = load_or_train_classifier(args.classifier, args.data_dir, next(model.parameters()).device, precision)
     test_feats, test_pred = classify(clf, x_test)
     print(f"classifier test accuracy: {100 * (test_pred == y_test).float().mean().item():.2f}%")
     # 2. the labels, as `sample` draws them: random digits, an equal number of each, or none
@@ -1076,7 +956,7 @@ def cmd_evaluate(args):
     floor = fid(classify(clf, x_real[real])[0], test_feats)
     # 4. the samples, timed, and their verdicts
     t0 = time.time()
-    x = generate(model, sched, labels, sampler, args.seed, args.batch_size, precision)
+    x = generate(model, sched, labels, sampler, args.seed, precision=precision)
     print(f"samples: {args.n}, {what}; {sampler}; seed {args.seed}; {time.time() - t0:.1f} s")
     feats, pred = classify(clf, x)
     score = fid(feats, test_feats)
@@ -1096,11 +976,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def widths(text):   # "32,64,128" -> [32, 64, 128]; argparse reports a ValueError in one line
-    return [int(c) for c in text.split(",")]
-
-
 def build_parser():
+    def widths(text):   # "32,64,128" -> [32, 64, 128]; argparse reports a ValueError in one line
+        return [int(c) for c in text.split(",")]
     p = Parser(prog="ddpm_mnist.py", description="A denoising diffusion model on MNIST, in one file.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train a model (never over an existing --ckpt)")
@@ -1117,7 +995,6 @@ def build_parser():
     s.add_argument("--gif", metavar="FILE.gif", help="also animate the reverse process")
     f = sub.add_parser("forward", help="picture the forward (noising) process; no model needed")
     f.add_argument("--n", type=int, default=4, help="how many training images")
-    f.add_argument("--timesteps", type=int, default=TRAIN["timesteps"])
     f.add_argument("--out", default="forward.png")
     e = sub.add_parser("evaluate", help="FID and digit accuracy of the samples")
     e.add_argument("--n", type=int, default=10000)
@@ -1133,7 +1010,6 @@ def build_parser():
         sp.add_argument("--guidance", type=float, help=f"classifier-free guidance w (default {GUIDANCE})")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x_start estimate to [-1, 1]")
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--batch-size", type=int, help="default 100 on a CPU, 1000 on a GPU")
         sp.add_argument("--out-dir", help="also write every sample as DIR/00000.png, ...")
         labels = sp.add_mutually_exclusive_group()
         labels.add_argument("--uncond", action="store_true", help="the unconditional model: no label, no guidance")
@@ -1152,8 +1028,7 @@ def build_parser():
 
 
 def main(argv=None):
-    # argv is a parameter so the tests can drive the real CLI in-process. A
-    # UserError is the user's to fix: one line, exit 1. Anything else is a bug
+    # A UserError is the user's to fix: one line, exit 1. Anything else is a bug
     # in this file and keeps its traceback, which is what a bug report needs.
     args = build_parser().parse_args(argv)
     try:

@@ -4,6 +4,7 @@ and train tiny U-Nets. Each asserts a property that fails if the method is wrong
 
 import contextlib
 import math
+import shutil
 import struct
 import subprocess
 import sys
@@ -95,16 +96,11 @@ def test_load_mnist_range_digit_and_limit(mnist_dir):
     ones, y1 = D.load_mnist(mnist_dir, digit=1, limit=5)
     assert (y1 == 1).all() and torch.equal(ones, D.load_mnist(mnist_dir, digit=1)[0][:5])   # the first 5 ones
 
-def test_mnist_files_that_disagree_are_refused(mnist_dir, tmp_path, capsys):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (mnist_dir / "MNIST" / "raw").iterdir():
-        (raw / f.name).write_bytes(f.read_bytes())
-    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(255))             # one label short
+def test_missing_mnist_and_files_that_disagree_are_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+    shutil.copytree(mnist_dir / "MNIST" / "raw", tmp_path / "MNIST" / "raw")
+    write_idx(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(255))   # one label short
     code, _, err = run(["train", "--data-dir", tmp_path, "--ckpt", tmp_path / "m.pt", *TINY], capsys)
     assert_one_line_error(code, err, "train-images-idx3-ubyte")
-
-def test_missing_mnist_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", lambda self: (_ for _ in ()).throw(OSError("offline")))
     code, _, err = run(["train", "--data-dir", tmp_path / "empty", "--ckpt", tmp_path / "m.pt", *TINY], capsys)
     assert_one_line_error(code, err, str(tmp_path / "empty" / "MNIST" / "raw"))
@@ -156,12 +152,15 @@ def test_training_draws_t_from_0_to_T_minus_1_and_drops_labels():
     assert set(y.unique().tolist()) == {3, D.NULL_LABEL}
     assert (y == D.NULL_LABEL).float().mean().item() == pytest.approx(D.P_UNCOND, abs=0.02)
 
-def test_train_writes_a_small_final_checkpoint_and_a_grid(trained):
+def test_train_writes_a_small_final_checkpoint_and_a_grid_and_never_replaces_it(trained, mnist_dir, capsys):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["channels"] == [8, 16] and "optimizer" not in ckpt
     assert all(v.dtype == torch.float16 for v in ckpt["ema"].values())
     assert (trained.parent / "m[1]_epoch01.png").is_file()
     assert [p.name for p in trained.parent.glob("*.tmp")] == ["m1.pt.abc123.tmp"]   # the stale one is gone
+    before = trained.read_bytes()
+    assert_one_line_error(*run(["train", "--data-dir", mnist_dir, "--ckpt", trained, *TINY], capsys)[::2], "--resume")
+    assert trained.read_bytes() == before                                         # never replaced unasked
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, monkeypatch, capsys):
     common = ["train", "--data-dir", mnist_dir, "--epochs", 2, "--precision", "fp32", *TINY]
@@ -177,25 +176,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, m
     assert run([*common, "--ckpt", tmp_path / "resumed.pt"], capsys)[0] not in (0, None)
     assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 4       # epoch 1 intact
     monkeypatch.setattr(D, "diffusion_loss", real_loss)
-    # Every flag the user gives that disagrees with the checkpoint is refused, even
-    # one equal to the default; flags that agree (here all of `common`) are fine.
+    # A flag that disagrees with the checkpoint is refused, even one equal to the default
+    # (flags that agree, here all of `common`, are fine); so is a checkpoint without its rng.
     code, _, err = run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt", "--channels", "32,64,128"], capsys)
     assert_one_line_error(code, err, "--channels")
-    mid = torch.load(tmp_path / "resumed.pt", weights_only=True)
-    torch.save({k: v for k, v in mid.items() if k != "rng"}, tmp_path / "damaged.pt")
-    monkeypatch.setattr(D, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
-    assert_one_line_error(*run([*common, "--resume", "--ckpt", tmp_path / "damaged.pt"], capsys)[::2], "rng")
-    monkeypatch.undo()
+    torch.save({k: v for k, v in torch.load(tmp_path / "resumed.pt", weights_only=True).items() if k != "rng"},
+               tmp_path / "damaged.pt")
+    with monkeypatch.context() as m:
+        m.setattr(D, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
+        assert_one_line_error(*run([*common, "--resume", "--ckpt", tmp_path / "damaged.pt"], capsys)[::2], "rng")
     assert run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)[0] == 0
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "resumed.pt"))
     assert a["step"] == b["step"] == 8 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)[0] == 0      # finished: nothing to do
-
-def test_train_never_replaces_a_run(trained, mnist_dir, capsys):
-    before = trained.read_bytes()
-    code, _, err = run(["train", "--data-dir", mnist_dir, "--ckpt", trained, *TINY], capsys)
-    assert_one_line_error(code, err, "--resume", "--ckpt")
-    assert trained.read_bytes() == before
 
 def test_non_finite_loss_stops_with_the_step(mnist_dir, tmp_path, monkeypatch, capsys):
     real_loss, calls = D.diffusion_loss, []
@@ -240,7 +233,7 @@ def test_bad_train_arguments_stop_it_before_any_work(args, flag, tmp_path, monke
 
 # --- 5-6. samplers --------------------------------------------------------------------
 
-def test_samplers_walk_timesteps_T_minus_1_down_to_0():
+def test_samplers_walk_timesteps_T_minus_1_down_to_0_and_eta_0_is_deterministic():
     s, x, y = D.make_schedule("linear", 20), torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
     visited = []
     for call in (lambda e: D.ddpm_sample(e, s, x, gen=torch.Generator()),
@@ -249,17 +242,20 @@ def test_samplers_walk_timesteps_T_minus_1_down_to_0():
         call(D.guided(spy, y, 0, "fp32"))
         visited.append([int(t[0]) for t in spy.ts])
     assert visited[0] == visited[1] == list(range(19, -1, -1))
+    e, ts, x_T = D.guided(tiny_model(), y, 0.5, "fp32"), D.ddim_timesteps(s.alphas_bar, 10)[0], torch.randn(2, 1, 28, 28)
+    runs = [D.ddim_sample(e, s, x_T, ts, [eta] * 10, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])   # eta 0 draws no noise
 
 def test_ddim_timesteps_start_at_sigma_max_even_in_log_snr_and_noise_only_at_the_start():
     ab = D.make_schedule("cosine", 1000).alphas_bar
-    ts, log_snr, sigma = D.ddim_timesteps(ab, 20), (ab / (1 - ab)).double().log(), ((1 - ab) / ab).sqrt()
+    (ts, etas), log_snr, sigma = D.ddim_timesteps(ab, 20), (ab / (1 - ab)).double().log(), ((1 - ab) / ab).sqrt()
     assert sigma[ts[0]] <= D.SIGMA_MAX < sigma[ts[0] + 1] and ts[-1] == 0
     gaps = -log_snr[ts].diff()
     assert gaps.max() / gaps.min() < 1.6                     # even in log SNR, up to whole timesteps
-    etas, k = D.ddim_etas(ab, ts), int((ab[ts] < D.NOISY_BELOW).sum())
+    k = int((ab[ts] < D.NOISY_BELOW).sum())
     assert etas == [1.0] * k + [0.0] * (20 - k) and 0 < k < 10   # fresh noise in the first, noisiest steps only
     for T, steps in ((20, 19), (1000, 300)):                 # more steps than distinct nearest timesteps
-        ts = D.ddim_timesteps(D.make_schedule("cosine", T).alphas_bar, steps)
+        ts = D.ddim_timesteps(D.make_schedule("cosine", T).alphas_bar, steps)[0]
         assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] == 0
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -272,19 +268,13 @@ def test_ddim_with_eta_1_and_all_steps_is_ddpm(clip):
     assert a.abs().max() > 0.1
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())   # unclipped, x can reach thousands
 
-def test_ddim_eta_0_is_deterministic():
-    s, m, x_T, y = D.make_schedule("cosine", 50), tiny_model(), torch.randn(2, 1, 28, 28), torch.tensor([4, 7])
-    e, ts = D.guided(m, y, 0.5, "fp32"), D.ddim_timesteps(s.alphas_bar, 10)
-    runs = [D.ddim_sample(e, s, x_T, ts, [eta] * 10, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])
-
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim eta 0", "ddim default"])
 def test_samplers_reproduce_gaussian_data(sampler):
     # Data N(0, sd^2 I) has a known exact eps; every sampler must give back samples of std sd.
     sd, s = 0.5, D.make_schedule("cosine", 200)
-    m, ts = exact_gaussian_eps(s.alphas_bar, sd), D.ddim_timesteps(s.alphas_bar, 100)
+    m, (ts, etas) = exact_gaussian_eps(s.alphas_bar, sd), D.ddim_timesteps(s.alphas_bar, 100)
     x_T, gen = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1)
-    etas = D.ddim_etas(s.alphas_bar, ts) if sampler == "ddim default" else [0.0] * 100
+    etas = etas if sampler == "ddim default" else [0.0] * 100
     x = D.ddpm_sample(m, s, x_T, clip=False, gen=gen) if sampler == "ddpm" else \
         D.ddim_sample(m, s, x_T, ts, etas, clip=False, gen=gen)
     assert x.std().item() == pytest.approx(sd, rel=0.03) and abs(x.mean().item()) < 0.02
@@ -367,27 +357,22 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     (["--guidance", "nan"], "--guidance"), (["--guidance", "inf"], "--guidance"), (["--sampler", "euler"], "--sampler"),
     (["--sampler", "ddpm", "--steps", 5], "--steps"), (["--digit", 3, "--prompt", "seven"], "--prompt"),
     (["--per-class", 2, "--digit", 3], "--digit"), (["--uncond", "--digit", 3], "--uncond"),
-    (["--gif", "x.png"], "--gif"), (["--trajectory", "t.xyz"], "--trajectory"), (["--batch-size", 0], "--batch-size"),
+    (["--gif", "x.png"], "--gif"), (["--trajectory", "t.xyz"], "--trajectory"), (["--out", "afile/g.png"], "--out"),
     (["--per-class", 0], "--per-class"), (["--uncond", "--guidance", 2], "--guidance"), (["--out", "x.xbm"], "--out"),
     (["--interactive", "--gif", "r.gif"], "--interactive"), (["--seed", 10 ** 23], "--seed"), (["--n", 10 ** 14], "--n"),
     (["--guidance", "1e300"], "--guidance"), (["--out", "d{digit}.png"], "{digit}"), (["--per-class", 2, "--n", 5], "--n"),
     (["--interactive", "--out", "{digit}/p.png"], "{digit}"), (["--trajectory", "OUT"], "--trajectory"),
+    (["--out", "."], "--out"), (["--gif", "afile/r.gif"], "--gif"), (["--out-dir", "afile"], "--out-dir"),
+    (["--trajectory", "."], "--trajectory"),
 ])
 def test_bad_sample_arguments(args, flag, trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("sampled before checking the arguments"))
     out = tmp_path / "new" / "x.png"
     code, _, err = run(["sample", "--ckpt", trained, "--out", out, *[out if a == "OUT" else a for a in args]], capsys)
     assert_one_line_error(code, err, flag)
-    assert not (tmp_path / "new").exists() and not list(tmp_path.glob("*.png"))
-
-def test_unwritable_outputs_are_refused_before_sampling(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("sampled before checking the outputs"))
-    (tmp_path / "afile").write_text("")
-    for flag, path in (("--out", tmp_path / "afile" / "g.png"), ("--out", tmp_path), ("--out", tmp_path / "g.xyz"),
-                       ("--gif", tmp_path / "afile" / "r.gif"), ("--out-dir", tmp_path / "afile"),
-                       ("--trajectory", tmp_path)):
-        code, _, err = run(["sample", "--ckpt", trained, flag, path], capsys)
-        assert_one_line_error(code, err, flag)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob("*.png")) and (tmp_path / "afile").is_file()
 
 @pytest.mark.parametrize("command", ["sample", "evaluate"])
 def test_nan_samples_are_reported_not_drawn(command, trained, mnist_dir, tmp_path, monkeypatch, capsys):
@@ -396,13 +381,6 @@ def test_nan_samples_are_reported_not_drawn(command, trained, mnist_dir, tmp_pat
     code, _, err = run([command, "--ckpt", trained, "--steps", 2, "--out-dir", tmp_path / "each", *extra], capsys)
     assert_one_line_error(code, err, "nan")
     assert not (tmp_path / "each").exists()
-
-@pytest.mark.parametrize("argv,flag", [(["forward", "--timesteps", 10 ** 13], "--timesteps"), (["forward", "--n", 0], "--n"),
-                                       (["evaluate", "--n", 10 ** 14], "--n"), (["evaluate", "--seed", -1], "--seed")])
-def test_bad_numbers_elsewhere(argv, flag, trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(D, "load_mnist", lambda *a, **k: pytest.fail("the data was loaded"))
-    assert_one_line_error(*run([*argv, *(["--ckpt", trained] if argv[0] == "evaluate" else [])], capsys)[::2], flag)
 
 def test_a_closed_stdin_and_a_reader_who_left(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", None)
@@ -423,11 +401,9 @@ def test_default_checkpoint_is_yours_then_the_shipped_one(trained, tmp_path, mon
 
 # --- devices --------------------------------------------------------------------------------
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_asking_for_a_missing_gpu(trained, capsys):
-    assert_one_line_error(*run(["sample", "--ckpt", trained, "--device", "cuda"], capsys)[::2], "cuda")
-
-def test_auto_precision_depends_on_the_hardware_only(monkeypatch):
+def test_a_missing_gpu_and_auto_precision_depends_on_the_hardware_only(trained, monkeypatch, capsys):
+    if not torch.cuda.is_available():
+        assert_one_line_error(*run(["sample", "--ckpt", trained, "--device", "cuda"], capsys)[::2], "cuda")
     assert D.setup_device("cpu", "fp32")[1] == "fp32" and D.setup_device("cpu", "bf16")[1] == "bf16"
     for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -499,3 +475,5 @@ def test_evaluate_and_forward_run(trained, mnist_dir, tmp_path, capsys):
     assert (tmp_path / "c.pt").is_file()
     assert run(["forward", "--data-dir", mnist_dir, "--n", 3, "--out", tmp_path / "f.png"], capsys)[0] == 0
     assert Image.open(tmp_path / "f.png").size[0] == 11 * 30 + 2   # 11 timesteps
+    for bad, flag in ((["forward", "--n", 0], "--n"), ([*args, "--n", 10 ** 14], "--n"), ([*args, "--seed", -1], "--seed")):
+        assert_one_line_error(*run(bad, capsys)[::2], flag)
