@@ -1,6 +1,5 @@
-"""Tests for ddpm_mnist.py: offline, in seconds. They write a tiny MNIST in the
-real IDX format to a temporary folder, so torchvision's own reader is used,
-and train tiny U-Nets. Each asserts a property that fails if the method is wrong."""
+"""Tests for ddpm_mnist.py, offline, in seconds: a tiny MNIST in the real IDX format (torchvision's own reader
+reads it) and tiny U-Nets. Each asserts a property that fails if the method is wrong."""
 
 import contextlib
 import math
@@ -90,13 +89,12 @@ class Spy(torch.nn.Module):
 
 # --- 1-2. data, schedules, q(x_t | x_0) -----------------------------------------
 
-def test_load_mnist_range_digit_and_limit(mnist_dir):
+def test_load_mnist_range_digit_limit_and_bad_files(mnist_dir, tmp_path, monkeypatch, capsys):
     x, y = D.load_mnist(mnist_dir)
     assert x.shape == (256, 1, 28, 28) and x.min() == -1 and x.max() == 1
     ones, y1 = D.load_mnist(mnist_dir, digit=1, limit=5)
     assert (y1 == 1).all() and torch.equal(ones, D.load_mnist(mnist_dir, digit=1)[0][:5])   # the first 5 ones
-
-def test_missing_mnist_and_files_that_disagree_are_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+    # Files whose counts disagree, and no files at all, are one line each.
     shutil.copytree(mnist_dir / "MNIST" / "raw", tmp_path / "MNIST" / "raw")
     write_idx(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(255))   # one label short
     code, _, err = run(["train", "--data-dir", tmp_path, "--ckpt", tmp_path / "m.pt", *TINY], capsys)
@@ -106,7 +104,7 @@ def test_missing_mnist_and_files_that_disagree_are_one_line(mnist_dir, tmp_path,
     assert_one_line_error(code, err, str(tmp_path / "empty" / "MNIST" / "raw"))
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_schedules(name):
+def test_schedules_and_q_sample(name):
     s = D.make_schedule(name, 1000)
     assert (s.betas > 0).all() and (s.betas <= 0.999).all() and (s.alphas_bar.diff() < 0).all()
     assert s.alphas_bar[0] > 0.999 and s.alphas_bar[-1] < 1e-3 and s.posterior_variance[0] == 0
@@ -116,25 +114,18 @@ def test_schedules(name):
     assert torch.allclose(s.alphas_bar, torch.cumprod(1 - s.betas.double(), 0).float())
     if name == "cosine":
         assert s.alphas_bar[499].item() == pytest.approx(f(500) / f(0), rel=1e-4)
-
-def test_q_sample_statistics():
-    s = D.make_schedule("linear", 1000)
-    for t in (0, 300, 999):
+    for t in (0, 300, 999):                                       # the statistics of q(x_t | x_0)
         x0 = torch.full((20000, 1, 2, 2), 0.5)
         x_t = D.q_sample(x0, torch.full((20000,), t), torch.randn(x0.shape), s.alphas_bar)
         ab = s.alphas_bar[t].item()
         assert x_t.mean().item() == pytest.approx(math.sqrt(ab) * 0.5, abs=0.01)
         assert x_t.std().item() == pytest.approx(math.sqrt(1 - ab), abs=0.01)
 
-def test_unet_shape_and_zero_init():
-    m, x = D.UNet((8, 16, 32)), torch.randn(3, 1, 28, 28)
-    out = m(x, torch.tensor([0, 10, 999]), torch.tensor([0, 9, D.NULL_LABEL]))
-    assert out.shape == x.shape and out.abs().max() == 0     # the untrained model predicts eps = 0
 
 
 # --- 4. loss and training ---------------------------------------------------------
 
-def test_loss_oracle():
+def test_loss_oracle_its_draws_and_the_untrained_network():
     # For x_0 = 0, x_t = sqrt(1 - ab) eps, so x_t / sqrt(1 - ab) is the exact noise: zero loss.
     s = D.make_schedule("cosine", 50)
     exact = lambda x_t, t, y: x_t / (1 - s.alphas_bar[t]).sqrt().view(-1, 1, 1, 1)
@@ -143,14 +134,15 @@ def test_loss_oracle():
     # A predictor of x_0 (here 0) is the wrong target: its loss is the mean weight, far from 0.
     clean = lambda x_t, t, y: torch.zeros_like(x_t)
     assert D.diffusion_loss(clean, x0, y, s, torch.Generator().manual_seed(0)).item() > 0.3
-
-def test_training_draws_t_from_0_to_T_minus_1_and_drops_labels():
+    # It draws t from 0 to T-1 and drops the label 20% of the time.
     spy, s = Spy(), D.make_schedule("linear", 10)
     D.diffusion_loss(spy, torch.zeros(4000, 1, 2, 2), torch.full((4000,), 3), s, torch.Generator().manual_seed(0))
     t, y = spy.ts[0], spy.ys[0]
     assert t.min() == 0 and t.max() == 9 and len(t.unique()) == 10
     assert set(y.unique().tolist()) == {3, D.NULL_LABEL}
     assert (y == D.NULL_LABEL).float().mean().item() == pytest.approx(D.P_UNCOND, abs=0.02)
+    m, x = D.UNet((8, 16, 32)), torch.randn(3, 1, 28, 28)                # the untrained U-Net predicts eps = 0
+    assert m(x, torch.tensor([0, 10, 999]), torch.tensor([0, 9, D.NULL_LABEL])).abs().max() == 0
 
 def test_train_writes_a_small_final_checkpoint_and_a_grid_and_never_replaces_it(trained, mnist_dir, capsys):
     ckpt = torch.load(trained, weights_only=True)
@@ -190,7 +182,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, m
     assert a["step"] == b["step"] == 8 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt"], capsys)[0] == 0      # finished: nothing to do
 
-def test_non_finite_loss_stops_with_the_step(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_a_nan_loss_stops_with_the_step_and_saves_are_atomic(mnist_dir, tmp_path, monkeypatch, capsys):
     real_loss, calls = D.diffusion_loss, []
 
     def nan_at_step_3(*a):
@@ -200,11 +192,9 @@ def test_non_finite_loss_stops_with_the_step(mnist_dir, tmp_path, monkeypatch, c
     code, _, err = run(["train", "--data-dir", mnist_dir, "--ckpt", tmp_path / "n.pt", *TINY], capsys)
     assert_one_line_error(code, err, "nan", "step 3")
     assert not (tmp_path / "n.pt").exists()
-
-def test_atomic_save_survives_a_death_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.undo()                                  # and a save that dies halfway leaves the last one whole
     path = tmp_path / "c.pt"
     D.atomic_save({"v": torch.ones(3)}, path)
-
     def dies_halfway(obj, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
@@ -213,7 +203,7 @@ def test_atomic_save_survives_a_death_and_cleans_up(tmp_path, monkeypatch):
         D.atomic_save({"v": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".pt", ".tmp")) == ["c.pt"]
 
 @pytest.mark.parametrize("args,flag", [
     (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--channels", "12,16"], "--channels"),
@@ -233,7 +223,7 @@ def test_bad_train_arguments_stop_it_before_any_work(args, flag, tmp_path, monke
 
 # --- 5-6. samplers --------------------------------------------------------------------
 
-def test_samplers_walk_timesteps_T_minus_1_down_to_0_and_eta_0_is_deterministic():
+def test_timesteps_0_based_ddim_spacing_and_eta():
     s, x, y = D.make_schedule("linear", 20), torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
     visited = []
     for call in (lambda e: D.ddpm_sample(e, s, x, gen=torch.Generator()),
@@ -245,8 +235,7 @@ def test_samplers_walk_timesteps_T_minus_1_down_to_0_and_eta_0_is_deterministic(
     e, ts, x_T = D.guided(tiny_model(), y, 0.5, "fp32"), D.ddim_timesteps(s.alphas_bar, 10)[0], torch.randn(2, 1, 28, 28)
     runs = [D.ddim_sample(e, s, x_T, ts, [eta] * 10, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])   # eta 0 draws no noise
-
-def test_ddim_timesteps_start_at_sigma_max_even_in_log_snr_and_noise_only_at_the_start():
+    # DDIM's own timesteps start at sigma_max, are even in log SNR, and add noise only at the start.
     ab = D.make_schedule("cosine", 1000).alphas_bar
     (ts, etas), log_snr, sigma = D.ddim_timesteps(ab, 20), (ab / (1 - ab)).double().log(), ((1 - ab) / ab).sqrt()
     assert sigma[ts[0]] <= D.SIGMA_MAX < sigma[ts[0] + 1] and ts[-1] == 0
@@ -279,27 +268,22 @@ def test_samplers_reproduce_gaussian_data(sampler):
         D.ddim_sample(m, s, x_T, ts, etas, clip=False, gen=gen)
     assert x.std().item() == pytest.approx(sd, rel=0.03) and abs(x.mean().item()) < 0.02
 
-def test_classifier_free_guidance():
-    two_faced = lambda x, t, y: torch.where((y == D.NULL_LABEL).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(x)
-    x, y = torch.zeros(2, 1, 3, 3), torch.tensor([3, 4])
-    assert torch.equal(D.guided(two_faced, y, 2.0, "fp32")(x, 5), torch.full_like(x, 3 * 1 - 2 * -1))
-    assert torch.equal(D.guided(two_faced, y, 0.0, "fp32")(x, 5), torch.ones_like(x))
-
-def test_seeded_sampling_is_reproducible():
+def test_seeded_sampling_and_random_digits():
     s, m, labels = D.make_schedule("cosine", 50), tiny_model(), torch.tensor([0, 1, 2, 3, 4])
     how = D.choose_sampler(True, s, steps=5)
     a, b, c = (D.generate(m, s, labels, how, seed=seed, batch_size=2) for seed in (3, 3, 4))
     assert a.shape == (5, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
-
-def test_random_digits_follow_mnist_and_the_seed():
-    labels = D.random_digits(60000, seed=0)
-    expected = torch.tensor(D.MNIST_COUNTS) / 60000
-    assert (torch.bincount(labels, minlength=10) / 60000 - expected).abs().max() < 0.005
+    counts = torch.bincount(D.random_digits(60000, seed=0), minlength=10)   # random digits follow MNIST's p(y)
+    assert (counts / 60000 - torch.tensor(D.MNIST_COUNTS) / 60000).abs().max() < 0.005
     assert torch.equal(D.random_digits(50, 1), D.random_digits(50, 1))
     assert not torch.equal(D.random_digits(50, 1), D.random_digits(50, 2))
     assert (D.random_digits(20, 0, digit=4) == 4).all()                         # a --digit model knows one
 
-def test_uncond_uses_only_the_no_label_embedding(trained, tmp_path, monkeypatch, capsys):
+def test_classifier_free_guidance_and_the_unconditional_model(trained, tmp_path, monkeypatch, capsys):
+    two_faced = lambda x, t, y: torch.where((y == D.NULL_LABEL).view(-1, 1, 1, 1), -1.0, 1.0).expand_as(x)
+    x, y = torch.zeros(2, 1, 3, 3), torch.tensor([3, 4])
+    assert torch.equal(D.guided(two_faced, y, 2.0, "fp32")(x, 5), torch.full_like(x, 3 * 1 - 2 * -1))
+    assert torch.equal(D.guided(two_faced, y, 0.0, "fp32")(x, 5), torch.ones_like(x))
     spy, real = [], D.guided
     monkeypatch.setattr(D, "guided", lambda m, y, w, p: spy.append((y.clone(), w)) or real(m, y, w, p))
     assert run(["sample", "--ckpt", trained, "--uncond", "--n", 5, "--out", tmp_path / "u.png"], capsys)[0] == 0
@@ -309,9 +293,9 @@ def test_uncond_uses_only_the_no_label_embedding(trained, tmp_path, monkeypatch,
     assert all((y != D.NULL_LABEL).all() and w == D.GUIDANCE for y, w in spy)   # the default: random digits
 
 
-# --- 7. the sample command ------------------------------------------------------------
+# --- 7-9. the sample command, devices, evaluation and the forward picture ----------------------
 
-def test_sample_outputs(trained, tmp_path, capsys):
+def test_sample_outputs_a_pipe_a_closed_stdin_and_the_default_checkpoint(trained, tmp_path, monkeypatch, capsys):
     code, out, err = run(["sample", "--ckpt", trained, "--n", 6, "--steps", 12, "--prompt", " Seven ",
                           "--out", tmp_path / "deep" / "g.png", "--out-dir", tmp_path / "each",
                           "--trajectory", tmp_path / "t.png", "--gif", tmp_path / "r.gif"], capsys)
@@ -320,14 +304,24 @@ def test_sample_outputs(trained, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"{i:05d}.png" for i in range(6)]
     assert Image.open(tmp_path / "r.gif").n_frames > 2
     assert run(["sample", "--ckpt", trained, "--per-class", 2, "--steps", 2, "--out", tmp_path / "pc.png"], capsys)[0] == 0
-
-def test_interactive_driven_by_a_pipe(trained, tmp_path):
     proc = subprocess.run([sys.executable, str(Path(D.__file__)), "sample", "--interactive", "--ckpt", str(trained),
                            "--n", "4", "--steps", "2", "--out", str(tmp_path / "p_{digit}.png")],
                           input="7\nSeven\nbanana\n three\n\nnine\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "p_7.png").is_file() and (tmp_path / "p_3.png").is_file()
     assert not (tmp_path / "p_9.png").exists() and "banana" in proc.stderr   # the empty line ended it
+    monkeypatch.setattr(sys, "stdin", None)
+    code, _, err = run(["sample", "--ckpt", trained, "--interactive", "--out", tmp_path / "p.png"], capsys)
+    assert_one_line_error(code, err, "standard input")
+    proc = subprocess.Popen([sys.executable, D.__file__, "sample", "--ckpt", trained, "--n", "1", "--steps", "1",
+                             "--out", tmp_path / "x.png"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                                                    # as `| head -0` would
+    assert proc.wait(timeout=60) != 0 and b"Traceback" not in proc.stderr.read()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "SHIPPED", trained)
+    assert str(trained) in run(["sample", "--n", 1, "--steps", 1], capsys)[1]
+    (tmp_path / "ddpm_mnist.pt").write_bytes(trained.read_bytes())
+    assert "checkpoint: ddpm_mnist.pt" in run(["sample", "--n", 1, "--steps", 1], capsys)[1]
 
 @pytest.mark.parametrize("word,digit", [("7", 7), ("seven", 7), (" SEVEN \n", 7), ("zero", 0), ("eleven", None),
                                         ("77", None), ("-1", None), ("", None), ("7.0", None)])
@@ -359,11 +353,11 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     (["--per-class", 2, "--digit", 3], "--digit"), (["--uncond", "--digit", 3], "--uncond"),
     (["--gif", "x.png"], "--gif"), (["--trajectory", "t.xyz"], "--trajectory"), (["--out", "afile/g.png"], "--out"),
     (["--per-class", 0], "--per-class"), (["--uncond", "--guidance", 2], "--guidance"), (["--out", "x.xbm"], "--out"),
-    (["--interactive", "--gif", "r.gif"], "--interactive"), (["--seed", 10 ** 23], "--seed"), (["--n", 10 ** 14], "--n"),
-    (["--guidance", "1e300"], "--guidance"), (["--out", "d{digit}.png"], "{digit}"), (["--per-class", 2, "--n", 5], "--n"),
-    (["--interactive", "--out", "{digit}/p.png"], "{digit}"), (["--trajectory", "OUT"], "--trajectory"),
-    (["--out", "."], "--out"), (["--gif", "afile/r.gif"], "--gif"), (["--out-dir", "afile"], "--out-dir"),
-    (["--trajectory", "."], "--trajectory"),
+    (["--interactive", "--gif", "r.gif"], "--interactive"), (["--seed", 10 ** 23], "--seed"),
+    (["--n", 10 ** 14], "--n"), (["--guidance", "1e300"], "--guidance"), (["--out", "d{digit}.png"], "{digit}"),
+    (["--per-class", 2, "--n", 5], "--n"), (["--interactive", "--out", "{digit}/p.png"], "{digit}"),
+    (["--trajectory", "OUT"], "--trajectory"), (["--out", "."], "--out"), (["--gif", "afile/r.gif"], "--gif"),
+    (["--out-dir", "afile"], "--out-dir"), (["--trajectory", "."], "--trajectory"),
 ])
 def test_bad_sample_arguments(args, flag, trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -382,25 +376,6 @@ def test_nan_samples_are_reported_not_drawn(command, trained, mnist_dir, tmp_pat
     assert_one_line_error(code, err, "nan")
     assert not (tmp_path / "each").exists()
 
-def test_a_closed_stdin_and_a_reader_who_left(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", None)
-    code, _, err = run(["sample", "--ckpt", trained, "--interactive", "--out", tmp_path / "p.png"], capsys)
-    assert_one_line_error(code, err, "standard input")
-    proc = subprocess.Popen([sys.executable, D.__file__, "sample", "--ckpt", trained, "--n", "1", "--steps", "1",
-                             "--out", tmp_path / "x.png"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()                                                    # as `| head -0` would
-    assert proc.wait(timeout=60) != 0 and b"Traceback" not in proc.stderr.read()
-
-def test_default_checkpoint_is_yours_then_the_shipped_one(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(D, "SHIPPED", trained)
-    assert str(trained) in run(["sample", "--n", 1, "--steps", 1], capsys)[1]
-    (tmp_path / "ddpm_mnist.pt").write_bytes(trained.read_bytes())
-    assert "checkpoint: ddpm_mnist.pt" in run(["sample", "--n", 1, "--steps", 1], capsys)[1]
-
-
-# --- devices --------------------------------------------------------------------------------
-
 def test_a_missing_gpu_and_auto_precision_depends_on_the_hardware_only(trained, monkeypatch, capsys):
     if not torch.cuda.is_available():
         assert_one_line_error(*run(["sample", "--ckpt", trained, "--device", "cuda"], capsys)[::2], "cuda")
@@ -418,8 +393,8 @@ def test_a_missing_gpu_and_auto_precision_depends_on_the_hardware_only(trained, 
 META = torch.device("meta")
 
 class MetaDevice(TorchDispatchMode):
-    """The meta device as a GPU: it raises where a CPU tensor meets a meta one. This mode lets copies to the
-    CPU and .item() through (zeros; checks pass), and counts them and every float64 made on the device."""
+    """The meta device as a GPU: it raises where a CPU tensor meets a meta one. This mode lets copies to the CPU
+    and .item() through (zeros: checks pass), counting them and every float64 made on the device."""
     float64, syncs = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -451,17 +426,13 @@ def test_training_sampling_and_evaluation_on_a_device():
     assert not mode.float64, mode.float64
 
 
-# --- 8. evaluation and the forward picture ----------------------------------------------------
-
-def test_fid_closed_forms():
+def test_fid_closed_forms_and_the_floor_has_the_same_digits():
     x = torch.randn(4000, 5, dtype=torch.float64) @ torch.randn(5, 5, dtype=torch.float64)
     x -= x.mean(0)
     assert abs(D.fid(x, x)) < 1e-6
     assert D.fid(x, x + 1) == pytest.approx(5, rel=1e-6)         # a shifted mean: |mu1 - mu2|^2
     # S2 = 4 S1: tr(S1 + S2 - 2 (S1 S2)^(1/2)) = (1 + 4 - 2 * 2) tr(S1)
     assert D.fid(x, 2 * x) == pytest.approx(torch.cov(x.T).trace().item(), rel=1e-6)
-
-def test_same_digits_matches_the_requested_digits():
     y_real, labels = torch.arange(300) % 10, torch.tensor([3, 3, 3, 7, 0, 9, 9])
     idx = D.same_digits(y_real, labels, torch.Generator().manual_seed(0))
     assert len(set(idx.tolist())) == len(idx) and sorted(y_real[idx].tolist()) == sorted(labels.tolist())
