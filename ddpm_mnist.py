@@ -420,7 +420,8 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 # per sample, then a sample of it. Dhariwal & Nichol 2021 and Karras et al.
 # 2022 also draw a label per sample, uniformly; this file uses MNIST's own digit
 # frequencies as p(y). The unconditional model saw a fifth of the training and
-# draws worse digits (--uncond, with eta = 1 at every step to correct some).
+# draws worse digits (--uncond). It must still choose its digit midway, where
+# log-SNR steps are few: it takes Song et al.'s steps, even in t, with eta = 1.
 
 
 def guided(model, y, w, precision):
@@ -442,9 +443,12 @@ def ddim_first_step(alphas_bar):
     return int((alphas_bar * (1 + SIGMA_MAX ** 2) >= 1).sum()) - 1
 
 
-def ddim_timesteps(alphas_bar, steps):
+def ddim_timesteps(alphas_bar, steps, even_in_t=False):
     """`steps` distinct timesteps from ddim_first_step down to 0, evenly spaced in log SNR as near
-    as integers allow, and the default eta of each: 1 while alpha_bar_t < NOISY_BELOW, then 0."""
+    as integers allow, and the default eta of each: 1 while alpha_bar_t < NOISY_BELOW, then 0.
+    even_in_t (the unconditional model's): from T-1 down to 0 evenly in t, eta 1 at every step."""
+    if even_in_t:
+        return torch.linspace(len(alphas_bar) - 1, 0, steps, dtype=torch.float64).round().long().tolist(), [1.0] * steps
     log_snr = (alphas_bar.double() / (1 - alphas_bar.double())).log()   # falls as t grows
     first = ddim_first_step(alphas_bar)
     targets = torch.linspace(log_snr[first].item(), log_snr[0].item(), steps, dtype=torch.float64)
@@ -479,9 +483,7 @@ MNIST_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 
 def random_digits(n, seed, digit=None):
     """n digits drawn from p(y), MNIST's frequencies; all `digit` for a model trained on one."""
-    counts = torch.tensor(MNIST_COUNTS, dtype=torch.float)
-    if digit is not None:
-        counts = F.one_hot(torch.tensor(digit), NUM_CLASSES).float()
+    counts = torch.tensor(MNIST_COUNTS, dtype=torch.float) if digit is None else torch.eye(NUM_CLASSES)[digit]
     return torch.multinomial(counts, n, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
@@ -509,24 +511,23 @@ def setup_device(name, precision):
     return device, "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
 
 
-class Sampler(namedtuple("Sampler", "name steps eta guidance clip")):   # eta None: ddim_timesteps' etas
+class Sampler(namedtuple("Sampler", "name steps eta guidance clip even_in_t")):   # eta None: ddim_timesteps'
     def __str__(self):   # e.g. "DDIM 20 steps, eta 1 while alpha_bar < 0.05 then 0, guidance 0.25"
         eta = "" if self.name == "ddpm" else f", eta {self.eta:g}" if self.eta is not None else \
-            f", eta 1 while alpha_bar < {NOISY_BELOW:g} then 0"
+            " even in t, eta 1" if self.even_in_t else f", eta 1 while alpha_bar < {NOISY_BELOW:g} then 0"
         return f"{self.name.upper()} {self.steps} steps{eta}" + (f", guidance {self.guidance:g}" if self.guidance else "")
 
 
 def choose_sampler(labelled, sched, name=None, steps=None, eta=None, guidance=None, clip=True):
     """The sampling defaults, decided here only: DDIM in STEPS steps; guided, with fresh noise only at
-    the start (ddim_timesteps), for samples with a digit; eta 1 at every step for the unconditional model."""
+    the start (ddim_timesteps), for samples with a digit; even in t, eta 1, for the unconditional model."""
     name = name or "ddim"
     if name == "ddpm" and (eta is not None or steps is not None):
         raise UserError("--eta and --steps are DDIM's; DDPM always takes all T steps with eta 1")
     if guidance and not labelled:
         raise UserError("--guidance needs a digit to guide towards; the unconditional model has none")
-    eta = (None if labelled else 1.0) if eta is None else eta
     guidance = (GUIDANCE if labelled else 0.0) if guidance is None else guidance
-    most = sched.T if name == "ddpm" else ddim_first_step(sched.alphas_bar) + 1
+    most = sched.T if name == "ddpm" or not labelled else ddim_first_step(sched.alphas_bar) + 1
     steps = most if name == "ddpm" else min(STEPS, most) if steps is None else steps
     if eta is not None and not 0 <= eta <= 1:
         raise UserError(f"--eta {eta}: must be between 0 and 1")
@@ -534,13 +535,13 @@ def choose_sampler(labelled, sched, name=None, steps=None, eta=None, guidance=No
         raise UserError(f"--steps {steps}: this model takes 1 to {most} steps")
     if not 0 <= guidance <= 100:   # also refuses nan
         raise UserError(f"--guidance {guidance}: must be a number from 0 to 100")
-    return Sampler(name, steps, eta, guidance, clip)
+    return Sampler(name, steps, eta, guidance, clip, even_in_t=not labelled)
 
 
 def generate(model, sched, labels, sampler, seed=0, batch_size=100, precision="fp32", callback=None):
     """len(labels) images (NULL_LABEL: none) in [-1, 1], the same on any device; callback(x_t): batch 1."""
     if sampler.name == "ddim":
-        ts, etas = ddim_timesteps(sched.alphas_bar, sampler.steps)
+        ts, etas = ddim_timesteps(sched.alphas_bar, sampler.steps, sampler.even_in_t)
         etas = etas if sampler.eta is None else [sampler.eta] * len(ts)
     device = next(model.parameters()).device
     sched, gen, out = sched.to(device), torch.Generator().manual_seed(seed), []   # one generator: a seed fixes all
@@ -763,8 +764,8 @@ def cmd_train(args):
     check_writable(ckpt_path.with_name(f"{ckpt_path.stem}_epoch01.png"), "--ckpt (its grids)")
     # The config holds all that defines a run: the defaults and the flags given,
     # or a resumed run's own, which a flag that contradicts it may not change.
-    given = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
-    cfg, ckpt = {**TRAIN, **given}, None
+    flags = {k: getattr(args, k) for k in TRAIN if getattr(args, k) is not None}
+    cfg, ckpt = {**TRAIN, **flags}, None
     if not args.resume:
         if ckpt_path.exists():   # it may be hours of work: never replaced unasked
             raise UserError(f"{ckpt_path} exists: continue it with --resume, or give another --ckpt")
@@ -773,7 +774,7 @@ def cmd_train(args):
     else:
         ckpt, _ = load_checkpoint(ckpt_path)
         cfg = ckpt["config"]
-        if clashes := [f"--{k.replace('_', '-')} {v} (it has {cfg[k]})" for k, v in given.items() if cfg[k] != v]:
+        if clashes := [f"--{k.replace('_', '-')} {v} (it has {cfg[k]})" for k, v in flags.items() if cfg[k] != v]:
             raise UserError(f"--resume continues {ckpt_path} with its own config, but you gave "
                             f"{', '.join(clashes)}; drop those flags, or start a new run with another --ckpt")
         if "optimizer" not in ckpt:
@@ -865,7 +866,8 @@ def pick_labels(args, n, cfg):
         return torch.arange(n) % NUM_CLASSES, "an equal number of each digit"
     if args.uncond:
         return torch.full((n,), NULL_LABEL), "the unconditional model"
-    return random_digits(n, args.seed, cfg["digit"]), "random digits, drawn with MNIST's frequencies"
+    mnist = "random digits, drawn with MNIST's frequencies"
+    return random_digits(n, args.seed, cfg["digit"]), mnist if cfg["digit"] is None else f"{cfg['digit']}s, its one digit"
 
 
 def cmd_sample(args):
@@ -889,7 +891,7 @@ def cmd_sample(args):
     files = {"--out": Path(str(out).replace("{digit}", "0")), "--trajectory": args.trajectory, "--gif": args.gif}
     for flag, path in (*files.items(), ("--out-dir", args.out_dir and Path(args.out_dir) / "00000.png")):
         check_writable(path, flag, (".gif",) if flag == "--gif" else IMAGE_TYPES)
-    if len(given := [Path(p).resolve() for p in files.values() if p]) > len(set(given)):
+    if len(paths := [Path(p).resolve() for p in files.values() if p]) > len(set(paths)):
         raise UserError("--out, --trajectory and --gif each need a file of their own")
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
     while args.interactive:   # a grid per line of stdin until an empty line; a bad word is reported and skipped
@@ -912,8 +914,7 @@ def cmd_sample(args):
     x = generate(model, sched, labels, sampler, args.seed, precision=precision, callback=keep)
     print(f"{len(x)} samples ({what}; {sampler}) in {time.time() - t0:.1f} s")
     save_image(grid_image(x, nrow), out)
-    if args.out_dir:
-        save_each(x, args.out_dir)
+    args.out_dir and save_each(x, args.out_dir)
     if args.trajectory:   # a row per sample (8 at most), 10 snapshots from noise to digit
         picks = torch.linspace(0, len(frames) - 1, 10).round().long().tolist()
         save_image(grid_image(torch.stack([frames[j][:8] for j in picks], dim=1).flatten(0, 1), nrow=10), args.trajectory)
@@ -943,10 +944,10 @@ def cmd_evaluate(args):
     check_writable(args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir")
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
     # 1. the judge: a classifier, and the features of the real test images
-    x_test, y_test = load_mnist(args.data_dir, train=False)
+    x_test, y_test = load_mnist(args.data_dir, False, cfg["digit"])   # a one-digit model: that digit's
     clf = load_or_train_classifier(args.classifier, args.data_dir, next(model.parameters()).device, precision)
     test_feats, test_pred = classify(clf, x_test)
-    print(f"classifier test accuracy: {100 * (test_pred == y_test).float().mean().item():.2f}%")
+    print(f"classifier accuracy on the {len(x_test)} test images: {100 * (test_pred == y_test).float().mean().item():.2f}%")
     # 2. the labels, as `sample` draws them: random digits, an equal number of each, or none
     labels, what = pick_labels(args, args.n, cfg)
     # 3. the floor: real training images (the test images would score 0)
@@ -967,8 +968,7 @@ def cmd_evaluate(args):
         print(f"accuracy (the digit asked for): {100 * (pred == labels).float().mean().item():.2f}%")
     counts = torch.bincount(pred, minlength=NUM_CLASSES).tolist()
     print("class histogram: " + "  ".join(f"{d}:{100 * c / args.n:.1f}%" for d, c in enumerate(counts)))
-    if args.out_dir:
-        save_each(x, args.out_dir)
+    args.out_dir and save_each(x, args.out_dir)
 
 
 class Parser(argparse.ArgumentParser):
