@@ -511,7 +511,7 @@ def setup_device(name, precision):
     return device, "fp32", "auto: no bf16 units here"   # MPS: bf16 autocast depends on the macOS version
 
 
-class Sampler(namedtuple("Sampler", "name steps eta guidance clip even_in_t")):   # eta None: ddim_timesteps'
+class Sampler(namedtuple("Sampler", "name steps eta guidance clip even_in_t")):   # eta None: ddim_timesteps' etas
     def __str__(self):   # e.g. "DDIM 20 steps, eta 1 while alpha_bar < 0.05 then 0, guidance 0.25"
         eta = "" if self.name == "ddpm" else f", eta {self.eta:g}" if self.eta is not None else \
             " even in t, eta 1" if self.even_in_t else f", eta 1 while alpha_bar < {NOISY_BELOW:g} then 0"
