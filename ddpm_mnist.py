@@ -951,7 +951,7 @@ def cmd_evaluate(args):
     # 2. the labels, as `sample` draws them: random digits, an equal number of each, or none
     labels, what = pick_labels(args, args.n, cfg)
     # 3. the floor: real training images (the test images would score 0)
-    x_real, y_real = load_mnist(args.data_dir, train=True)
+    x_real, y_real = load_mnist(args.data_dir, True, cfg["digit"])     # of a one-digit model: that digit's
     gen = torch.Generator().manual_seed(args.seed)
     real = torch.randperm(len(x_real), generator=gen)[:args.n] if args.uncond else same_digits(y_real, labels, gen)
     floor = fid(classify(clf, x_real[real])[0], test_feats)

@@ -167,8 +167,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, m
     assert run([*common, "--ckpt", tmp_path / "resumed.pt"], capsys)[0] not in (0, None)
     assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 4       # epoch 1 intact
     monkeypatch.setattr(D, "diffusion_loss", real_loss)
-    # A flag that disagrees with the checkpoint is refused, even one equal to the default
-    # (flags that agree, here all of `common`, are fine); so is a checkpoint without its rng.
+    # Refused: a flag unlike the checkpoint's, even a default (all of `common` agree), and a checkpoint without rng.
     code, _, err = run([*common, "--resume", "--ckpt", tmp_path / "resumed.pt", "--channels", "32,64,128"], capsys)
     assert_one_line_error(code, err, "--channels")
     torch.save({k: v for k, v in torch.load(tmp_path / "resumed.pt", weights_only=True).items() if k != "rng"},
@@ -437,14 +436,15 @@ def test_fid_closed_forms_and_the_floor_has_the_same_digits():
 
 def test_evaluate_and_forward_run(trained, mnist_dir, tmp_path, monkeypatch, capsys):
     ckpt, sizes, real_fid = torch.load(trained, weights_only=True), [], D.fid
-    torch.save({**ckpt, "config": {**ckpt["config"], "digit": 1}}, tmp_path / "d1.pt")   # a model of 1s alone
-    monkeypatch.setattr(D, "fid", lambda a, b: sizes.append(len(b)) or real_fid(a, b))
+    torch.save({**ckpt, "config": {**ckpt["config"], "digit": 1}}, d1 := tmp_path / "d1.pt")   # a model of 1s alone
+    monkeypatch.setattr(D, "fid", lambda a, b: sizes.append((len(a), len(b))) or real_fid(a, b))
     args = ["evaluate", "--ckpt", trained, "--data-dir", mnist_dir, "--classifier", tmp_path / "c.pt", "--n", 20]
-    for mode in ([], ["--conditional"], ["--uncond"], ["--ckpt", tmp_path / "d1.pt"]):
+    for mode in ([], ["--conditional"], ["--uncond"], ["--ckpt", d1], ["--ckpt", d1, "--uncond"]):
         code, out, err = run([*args, *mode], capsys)
         assert code == 0 and "FID" in out and "floor" in out, err
-    assert (tmp_path / "c.pt").is_file()   # and the 1s are held against the test 1s, not all 100 test images
-    assert sizes == [100] * 6 + [int((D.load_mnist(mnist_dir, train=False)[1] == 1).sum())] * 2
+    ones = [int((D.load_mnist(mnist_dir, train)[1] == 1).sum()) for train in (True, False)]   # 19 < 20, and 8
+    assert (tmp_path / "c.pt").is_file() and [b for _, b in sizes[:6]] == [100] * 6
+    assert sizes[6:] == [(ones[0], ones[1]), (20, ones[1])] * 2   # 1s: against the test 1s, a floor of training 1s
     assert run(["forward", "--data-dir", mnist_dir, "--n", 3, "--out", tmp_path / "f.png"], capsys)[0] == 0
     for bad, flag in ((["forward", "--n", 0], "--n"), ([*args, "--n", 10 ** 14], "--n"), ([*args, "--seed", -1], "--seed")):
         assert_one_line_error(*run(bad, capsys)[::2], flag)
