@@ -62,8 +62,7 @@ class UserError(Exception):
 # are the most common cause of washed-out samples. The set is small enough to
 # decode once into one tensor and index random batches from it.
 def load_mnist(data_dir, train=True, digit=None, limit=None):
-    """Images as float32 [N, 1, 28, 28] in [-1, 1] and labels as int64 [N],
-    from torchvision's MNIST in data_dir/MNIST/raw (downloaded if missing)."""
+    """Images float32 [N, 1, 28, 28] in [-1, 1], labels int64 [N]: data_dir/MNIST/raw, downloaded if missing."""
     from torchvision import datasets
     raw = Path(data_dir) / "MNIST" / "raw"
     try:   # quietly: torchvision prints a line per download mirror it tries
@@ -226,7 +225,6 @@ class UNet(nn.Module):
 
     def __init__(self, channels=(32, 64, 128)):
         super().__init__()
-        # Each level halves the resolution and widens the features, as in Ho et al.
         c0 = self.c0 = channels[0]
         emb = 4 * c0                                       # the conditioning vector's width, as in Ho et al.
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -692,7 +690,6 @@ def load_or_train_classifier(path, data_dir, device, precision, epochs=3, batch_
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * math.ceil(len(x) / batch_size))
     gen = torch.Generator().manual_seed(seed)
-    clf.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
@@ -728,9 +725,8 @@ def same_digits(y_real, labels, gen):
 
 
 # -----------------------------------------------------------------------------
-# 9. The command line. A user's mistake is one line and a failing exit, never a
-# traceback, found before the work starts; only a NaN loss and a run that appears
-# at --ckpt meanwhile are found while it runs, and stop it before any overwrite.
+# 9. The command line. A user's mistake is one line and a failing exit, found
+# before the work starts (a NaN loss, or a run that takes --ckpt meanwhile: as it runs).
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 MAX_SAMPLES = 50_000   # --n; evaluate's floor needs as many real images of each digit
@@ -857,7 +853,10 @@ def load_model(args, labelled):
 
 
 def pick_labels(args, n, cfg):
-    """The digits to draw (NULL_LABEL: none) and how to say so."""
+    """The digits to draw (NULL_LABEL: none) and how to say so; a one-digit model knows only its digit."""
+    if (one := cfg["digit"]) is not None and (getattr(args, "per_class", None) or getattr(args, "conditional", False)
+                                              or getattr(args, "digit", None) not in (None, one)):
+        raise UserError(f"this model learnt only {one}s (train --digit {one}): ask for {one}s or for none")
     if getattr(args, "per_class", None):
         return torch.arange(NUM_CLASSES).repeat_interleave(args.per_class), f"{args.per_class} per digit"
     if getattr(args, "digit", None) is not None:
@@ -900,12 +899,13 @@ def cmd_sample(args):
         if not (line := sys.stdin.readline()).strip():
             return
         try:
-            path = str(out).replace("{digit}", str(digit := parse_prompt(line)))
+            args.digit = parse_prompt(line)
+            labels, _ = pick_labels(args, n, cfg)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        x = generate(model, sched, torch.full((n,), digit), sampler, args.seed, precision=precision)
-        save_image(grid_image(x, math.ceil(math.sqrt(n))), path)
+        x = generate(model, sched, labels, sampler, args.seed, precision=precision)
+        save_image(grid_image(x, math.ceil(math.sqrt(n))), str(out).replace("{digit}", str(args.digit)))
     labels, what = pick_labels(args, n, cfg)
     nrow = args.per_class or math.ceil(math.sqrt(n))
     frames = []   # every x_t of the first batch (at most 64 images), for --trajectory and --gif
@@ -943,13 +943,13 @@ def cmd_evaluate(args):
     check_writable(args.classifier, "--classifier", types=None)
     check_writable(args.out_dir and Path(args.out_dir) / "00000.png", "--out-dir")
     model, sched, cfg, sampler, precision = load_model(args, labelled=not args.uncond)
-    # 1. the judge: a classifier, and the features of the real test images
+    # 1. the labels, as `sample` draws them: random digits, an equal number of each, or none
+    labels, what = pick_labels(args, args.n, cfg)
+    # 2. the judge: a classifier, and the features of the real test images
     x_test, y_test = load_mnist(args.data_dir, False, cfg["digit"])   # a one-digit model: that digit's
     clf = load_or_train_classifier(args.classifier, args.data_dir, next(model.parameters()).device, precision)
     test_feats, test_pred = classify(clf, x_test)
     print(f"classifier accuracy on the {len(x_test)} test images: {100 * (test_pred == y_test).float().mean().item():.2f}%")
-    # 2. the labels, as `sample` draws them: random digits, an equal number of each, or none
-    labels, what = pick_labels(args, args.n, cfg)
     # 3. the floor: real training images (the test images would score 0)
     x_real, y_real = load_mnist(args.data_dir, True, cfg["digit"])     # of a one-digit model: that digit's
     gen = torch.Generator().manual_seed(args.seed)
