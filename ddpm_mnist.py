@@ -43,7 +43,8 @@ TRAIN_IMAGES = 300_000       # the default length of a run: 5 epochs of MNIST
 GUIDANCE = 0.25              # classifier-free guidance weight w (section 6)
 STEPS = 20                   # DDIM's steps per sample, each one or two network calls
 SIGMA_MAX = 80               # DDIM starts where the noise is 80 times the signal (section 6)
-NOISY_BELOW = 0.05           # DDIM adds fresh noise while alpha_bar_t is below this, then none
+NOISY_BELOW = 0.05           # DDIM's eta is 1 while alpha_bar_t is below this (section 6),
+ETA_LATER = 0.5              # then this: less noise, less blur, still washing out errors
 CKPT = "ddpm_mnist.pt"       # what `train` writes and `sample` reads first
 SHIPPED = Path(__file__).resolve().parent / "samples" / "ddpm_mnist.pt"
 
@@ -404,9 +405,8 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 #
 # Which eta: eta = 0 follows the network's ODE and carries its errors into the
 # image; fresh noise corrects them (Karras et al. 2022, section 4), as a short
-# run's model needs, but over 20 steps it blurs. So, as Karras et al. add noise
-# only over a range of noise levels, eta is 1 by default while alpha_bar_t <
-# NOISY_BELOW (nearly all noise, no digit chosen yet), then 0.
+# run's model needs, but eta = 1 throughout blurs. So eta is 1 while the image
+# is nearly all noise (alpha_bar_t < NOISY_BELOW), then ETA_LATER = 0.5.
 #
 # Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
 # the label and with "no label", and extrapolates away from the latter:
@@ -443,7 +443,7 @@ def ddim_first_step(alphas_bar):
 
 def ddim_timesteps(alphas_bar, steps, even_in_t=False):
     """`steps` distinct timesteps from ddim_first_step down to 0, evenly spaced in log SNR as near
-    as integers allow, and the default eta of each: 1 while alpha_bar_t < NOISY_BELOW, then 0.
+    as integers allow, and the default eta of each: 1 while alpha_bar_t < NOISY_BELOW, then ETA_LATER.
     even_in_t (the unconditional model's): from T-1 down to 0 evenly in t, eta 1 at every step."""
     if even_in_t:
         return torch.linspace(len(alphas_bar) - 1, 0, steps, dtype=torch.float64).round().long().tolist(), [1.0] * steps
@@ -453,7 +453,7 @@ def ddim_timesteps(alphas_bar, steps, even_in_t=False):
     ts = [int((log_snr - v).abs().argmin()) for v in targets]
     for i in reversed(range(steps - 1)):   # where the nearest timesteps coincide, the next one up
         ts[i] = min(max(ts[i], ts[i + 1] + 1), first - i)
-    return ts, [float(alphas_bar[t] < NOISY_BELOW) for t in ts]
+    return ts, [1.0 if alphas_bar[t] < NOISY_BELOW else ETA_LATER for t in ts]
 
 
 @torch.no_grad()
@@ -510,9 +510,9 @@ def setup_device(name, precision):
 
 
 class Sampler(namedtuple("Sampler", "name steps eta guidance clip even_in_t")):   # eta None: ddim_timesteps' etas
-    def __str__(self):   # e.g. "DDIM 20 steps, eta 1 while alpha_bar < 0.05 then 0, guidance 0.25"
+    def __str__(self):   # e.g. "DDIM 20 steps, eta 1 while alpha_bar < 0.05 then 0.5, guidance 0.25"
         eta = "" if self.name == "ddpm" else f", eta {self.eta:g}" if self.eta is not None else \
-            " even in t, eta 1" if self.even_in_t else f", eta 1 while alpha_bar < {NOISY_BELOW:g} then 0"
+            " even in t, eta 1" if self.even_in_t else f", eta 1 while alpha_bar < {NOISY_BELOW:g} then {ETA_LATER:g}"
         return f"{self.name.upper()} {self.steps} steps{eta}" + (f", guidance {self.guidance:g}" if self.guidance else "")
 
 
@@ -1006,7 +1006,7 @@ def build_parser():
         sp.add_argument("--sampler", choices=["ddim", "ddpm"], help="default ddim; ddpm takes all T steps")
         sp.add_argument("--steps", type=int, help=f"DDIM steps (default {STEPS})")
         sp.add_argument("--eta", type=float, help="DDIM's noise at every step, 0..1 (default: 1 while "
-                        f"alpha_bar < {NOISY_BELOW:g}, then 0; 1 with --uncond)")
+                        f"alpha_bar < {NOISY_BELOW:g}, then {ETA_LATER:g}; 1 with --uncond)")
         sp.add_argument("--guidance", type=float, help=f"classifier-free guidance w (default {GUIDANCE})")
         sp.add_argument("--no-clip", action="store_true", help="do not clip the x_start estimate to [-1, 1]")
         sp.add_argument("--seed", type=int, default=0)

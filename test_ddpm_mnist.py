@@ -239,7 +239,7 @@ def test_timesteps_0_based_ddim_spacing_and_eta():
     gaps = -log_snr[ts].diff()
     assert gaps.max() / gaps.min() < 1.6                     # even in log SNR, up to whole timesteps
     k = int((ab[ts] < D.NOISY_BELOW).sum())
-    assert etas == [1.0] * k + [0.0] * (20 - k) and 0 < k < 10   # fresh noise in the first, noisiest steps only
+    assert etas == [1.0] * k + [D.ETA_LATER] * (20 - k) and 0 < k < 10   # most fresh noise in the noisiest steps
     for T, steps in ((20, 19), (1000, 300)):                 # more steps than distinct nearest timesteps
         ts = D.ddim_timesteps(D.make_schedule("cosine", T).alphas_bar, steps)[0]
         assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] == 0
