@@ -41,8 +41,7 @@ def mnist_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(mnist_dir, tmp_path_factory):
-    """A tiny model trained for one epoch (4 steps) through the real CLI, beside the temporary
-    file of a save that was killed, and a file its name would match as a glob pattern."""
+    """A tiny model trained one epoch (4 steps) by the CLI, beside a killed save's .tmp and a glob look-alike."""
     ckpt = tmp_path_factory.mktemp("trained") / "m[1].pt"
     (ckpt.parent / "m[1].pt.abc123.tmp").write_bytes(b"left by a kill -9")
     (ckpt.parent / "m1.pt.abc123.tmp").write_bytes(b"not ours")
@@ -154,6 +153,7 @@ def test_train_writes_a_small_final_checkpoint_and_a_grid_and_never_replaces_it(
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(mnist_dir, tmp_path, monkeypatch, capsys):
     common = ["train", "--data-dir", mnist_dir, "--epochs", 2, "--precision", "fp32", *TINY]
+    monkeypatch.setattr(D, "generate", lambda m, s, labels, *a, **k: torch.zeros(len(labels), 1, 28, 28))   # no grids
     assert run([*common, "--ckpt", tmp_path / "straight.pt"], capsys)[0] == 0
     real_loss, calls = D.diffusion_loss, []
 
@@ -409,7 +409,7 @@ class MetaDevice(TorchDispatchMode):
 
 def test_training_sampling_and_evaluation_on_a_device():
     with MetaDevice() as mode:
-        s = D.make_schedule("cosine", 20)
+        s = D.make_schedule("cosine", 8)
         model, ema = tiny_model().to(META).train(), tiny_model().to(META)
         opt, cfg = torch.optim.AdamW(model.parameters(), lr=1e-3), dict(epochs=1, batch_size=4, lr=1e-3)
         x0, y = torch.zeros(4, 1, 28, 28, device=META), torch.tensor([1, 2, 3, 4], device=META)
