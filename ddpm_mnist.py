@@ -59,8 +59,7 @@ class UserError(Exception):
 # MNIST: 60,000 training images of digits, 28x28, grayscale, labelled 0-9.
 # Diffusion adds Gaussian noise of unit variance, so images must live on a
 # comparable scale centred on zero (Ho et al. 2020, section 3.3): pixels go
-# from [0, 255] to 2 * pixel / 255 - 1 in [-1, 1]. Images left in [0, 1]
-# are the most common cause of washed-out samples. The set is small enough to
+# from [0, 255] to 2 * pixel / 255 - 1 in [-1, 1]. The set is small enough to
 # decode once into one tensor and index random batches from it.
 def load_mnist(data_dir, train=True, digit=None, limit=None):
     """Images float32 [N, 1, 28, 28] in [-1, 1], labels int64 [N]: data_dir/MNIST/raw, downloaded if missing."""
@@ -124,7 +123,7 @@ class Schedule(namedtuple("Schedule", "betas alphas alphas_bar posterior_varianc
 
 
 def make_schedule(name, T):
-    if name == "linear":     # scaled by 1000/T: any T adds as much noise as T = 1000 (as Nichol & Dhariwal do)
+    if name == "linear":     # scaled by 1000/T: any T adds as much noise as T = 1000 (as Nichol & Dhariwal's code does)
         betas = torch.linspace(0.1 / T, 20 / T, T, dtype=torch.float64)
     else:                    # cosine: alpha_bar_t = f(t + 1) / f(0), so beta_t = 1 - f(t + 1) / f(t)
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -157,7 +156,8 @@ def q_sample(x_start, t, eps, alphas_bar):
 # one residual block per level, skip connections carrying each resolution's
 # detail from the way down to the way up. t (a sinusoidal embedding, like a
 # Transformer's positions) and y enter every block as a scale s and shift b
-# (FiLM, Perez et al. 2018): h -> GroupNorm(h) * (1 + s(t, y)) + b(t, y).
+# (FiLM, Perez et al. 2018; after a GroupNorm, Dhariwal & Nichol 2021's AdaGN):
+#     h -> GroupNorm(h) * (1 + s(t, y)) + b(t, y).
 # y has 11 embeddings, one per digit and one for "no label", shown 20% of the
 # time, so one network learns p(x | y) and p(x), which guidance combines.
 
@@ -203,8 +203,8 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the 7x7 map's pixels, residual: far-apart strokes related in one
-    layer. Its cost grows with the square of the pixel count: hence only at the lowest resolution."""
+    """Multi-head self-attention over the pixels of the lowest-resolution map (7x7), residual: far-apart
+    strokes related in one layer. Its cost grows with the square of the pixel count: hence only there."""
 
     def __init__(self, channels, heads=4):
         super().__init__()
@@ -315,8 +315,8 @@ def get_lr(step, total_steps, peak):
 
 
 def train_loop(model, ema, opt, x_all, y_all, sched, cfg, gen, precision, step=0):
-    """Algorithm 1 on shuffled batches for cfg["epochs"] epochs, from `step` on; yields (step, loss)
-    after every step, the loss left on the device (reading it would make the CPU wait for a GPU)."""
+    """Algorithm 1 on shuffled batches for cfg["epochs"] epochs, from `step` (an epoch's end) on;
+    yields (step, loss) after every step, the loss left on the device (reading it waits for a GPU)."""
     batch = cfg["batch_size"]
     steps_per_epoch = math.ceil(len(x_all) / batch)
     total_steps = cfg["epochs"] * steps_per_epoch
@@ -415,11 +415,12 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 #
 # A larger w gives more typical, more clearly-that-digit samples, at some cost
 # in variety. With no digit asked for, p(x) = sum_y p(y) p(x | y): draw a digit
-# per sample, then a sample of it. Dhariwal & Nichol 2021 and Karras et al.
-# 2022 also draw a label per sample, uniformly; this file uses MNIST's own digit
-# frequencies as p(y). The unconditional model saw a fifth of the training and
-# draws worse digits (--uncond). It must still choose its digit midway, where
-# log-SNR steps are few: it takes Song et al.'s steps, even in t, with eta = 1.
+# per sample, then a sample of it. The code of Dhariwal & Nichol 2021 and of
+# Karras et al. 2022 also draws a label per sample, uniformly; this file uses
+# MNIST's own digit frequencies as p(y). The unconditional model saw a fifth
+# of the training and draws worse digits (--uncond). It must still choose its
+# digit midway, where log-SNR steps are few: it takes Song et al.'s steps, even
+# in t from T-1 (where the clip of x_start_hat tames the first), with eta = 1.
 
 
 def guided(model, y, w, precision):
@@ -517,8 +518,8 @@ class Sampler(namedtuple("Sampler", "name steps eta guidance clip even_in_t")): 
 
 
 def choose_sampler(labelled, sched, name=None, steps=None, eta=None, guidance=None, clip=True):
-    """The sampling defaults, decided here only: DDIM in STEPS steps; guided, with fresh noise only at
-    the start (ddim_timesteps), for samples with a digit; even in t, eta 1, for the unconditional model."""
+    """The sampling defaults, decided here only: DDIM in STEPS steps; guided, eta as ddim_timesteps
+    gives it (1 on the noisiest steps, ETA_LATER after), for a digit; even in t, eta 1, for no digit."""
     name = name or "ddim"
     if name == "ddpm" and (eta is not None or steps is not None):
         raise UserError("--eta and --steps are DDIM's; DDPM always takes all T steps with eta 1")
@@ -618,6 +619,8 @@ def load_checkpoint(path):
     return ckpt, model
 
 
+# -----------------------------------------------------------------------------
+# 8. Pictures, in 8-bit grayscale, and evaluation: how good are the samples?
 def to_uint8(x):
     # Clamped, since a cast to uint8 wraps (256 -> 0); rounded, since truncating darkens.
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -643,9 +646,6 @@ def save_each(x, out_dir):
     print(f"wrote {len(x)} PNGs to {out_dir}/")
 
 
-# -----------------------------------------------------------------------------
-# 8. Pictures, in 8-bit grayscale, and evaluation: how good are the samples?
-#
 # The Frechet Inception Distance (Heusel et al. 2017) fits a Gaussian to the
 # features of real and of generated images and measures their distance,
 # |mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)). Here the features are the
@@ -986,7 +986,7 @@ def build_parser():
                       ("batch_size", int), ("lr", float), ("seed", int), ("digit", int), ("limit", int)):
         t.add_argument("--" + key.replace("_", "-"), type=kind, help="default " + {"channels": "32,64,128", "digit": "all",
                        "limit": "all", "epochs": f"enough for {TRAIN_IMAGES:,} images"}.get(key, str(TRAIN[key])))
-    t.add_argument("--ckpt", default=CKPT, help="the checkpoint, written after every epoch")
+    t.add_argument("--ckpt", default=CKPT, help="the checkpoint, written every epoch (every tenth of a run over 10 epochs)")
     t.add_argument("--resume", action="store_true", help="continue --ckpt with its own config")
     s = sub.add_parser("sample", help="draw digits from a trained model")
     s.add_argument("--n", type=int, help="how many samples (default 64)")

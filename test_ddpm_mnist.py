@@ -232,7 +232,7 @@ def test_timesteps_0_based_ddim_spacing_and_eta():
     e, ts, x_T = D.guided(tiny_model(), y, 0.5, "fp32"), D.ddim_timesteps(s.alphas_bar, 10)[0], torch.randn(2, 1, 28, 28)
     runs = [D.ddim_sample(e, s, x_T, ts, [eta] * 10, gen=torch.Generator().manual_seed(g)) for eta in (0, 1) for g in (1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])   # eta 0 draws no noise
-    # DDIM's own timesteps start at sigma_max, are even in log SNR, and add noise only at the start.
+    # DDIM's own timesteps start at sigma_max, are even in log SNR, with eta 1 only on the first, noisiest.
     ab = D.make_schedule("cosine", 1000).alphas_bar
     (ts, etas), log_snr, sigma = D.ddim_timesteps(ab, 20), (ab / (1 - ab)).double().log(), ((1 - ab) / ab).sqrt()
     assert sigma[ts[0]] <= D.SIGMA_MAX < sigma[ts[0] + 1] and ts[-1] == 0
