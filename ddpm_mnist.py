@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# Defaults: the knobs of a training run and of sampling, set here only.
+# Defaults: the knobs of a training run and of sampling, set here only (the loss's, in section 4).
 TRAIN = dict(
     channels=[32, 64, 128],  # U-Net widths, one per resolution: 28, 14, 7 pixels
     schedule="cosine",       # how fast the noise grows: cosine or linear (section 2)
@@ -290,7 +290,7 @@ def autocast(device, precision):
 def diffusion_loss(model, x_start, y, sched, gen):
     """L_simple on one batch (Algorithm 1), each image's error weighted by min(SNR_t, 5) / SNR_t,
     SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-5, Hang et al. 2023). Why: with x_start_hat the
-    clean image the estimate implies (eq. 15), ||eps - eps_hat||^2 = SNR_t ||x_start - x_start_hat||^2,
+    clean image that eps_theta implies (eq. 15), ||eps - eps_theta||^2 = SNR_t ||x_start - x_start_hat||^2,
     so L_simple weights step t by SNR_t: the nearly clean steps, all invisible detail, dominate."""
     B, device = len(x_start), x_start.device
     t = torch.randint(0, sched.T, (B,), generator=gen)            # t ~ Uniform({0, ..., T-1})
@@ -387,7 +387,7 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 # -----------------------------------------------------------------------------
 # 6. Faster sampling, guidance, and which digit to draw
 #
-# DDIM (Song et al. 2021, eq. 12, whose alpha is our alpha_bar) reuses the
+# DDIM (Song et al. 2021, eq. 12 and 16, whose alpha is our alpha_bar) reuses the
 # trained network with a process that can skip steps: on a few timesteps,
 # from high t to 0, with t' the next one down (x_start after t = 0, alpha_bar 1),
 #
@@ -395,53 +395,29 @@ def ddpm_sample(eps_model, sched, x, clip=True, gen=None, callback=None):
 #     sigma  = eta sqrt((1 - alpha_bar_{t'}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t'}).
 #
 # eta = 0 is deterministic, and 20 steps approach DDPM's 1000 (Song et al.
-# section 5); eta = 1 on all T steps is DDPM exactly.
-#
+# section 5); eta = 1 on all T steps is DDPM exactly. Which timesteps and which
+# eta come first, then classifier-free guidance, then which digit to draw.
+
+
 # Which timesteps: at t = T-1, alpha_bar is ~0 and x_start_hat, divided by its
-# root, ill-conditioned. So the steps start where the noise is sigma_t = sqrt((1 -
-# alpha_bar_t) / alpha_bar_t) = SIGMA_MAX = 80 times the signal (Karras et al.
-# 2022's sigma_max), evenly spaced in log SNR = log(alpha_bar_t / (1 - alpha_bar_t))
-# down to t = 0 as in DPM-Solver (Lu et al. 2022): even in t, few fall where the image forms.
-#
-# Which eta: eta = 0 follows the network's ODE and carries its errors into the
-# image; fresh noise corrects them (Karras et al. 2022, section 4), as a short
-# run's model needs, but eta = 1 throughout blurs. So eta is 1 while the image
-# is nearly all noise (alpha_bar_t < NOISY_BELOW), then ETA_LATER = 0.5.
-#
-# Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
-# the label and with "no label", and extrapolates away from the latter:
-#
-#     eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, none).
-#
-# A larger w gives more typical, more clearly-that-digit samples, at some cost
-# in variety. With no digit asked for, p(x) = sum_y p(y) p(x | y): draw a digit
-# per sample, then a sample of it. The code of Dhariwal & Nichol 2021 and of
-# Karras et al. 2022 also draws a label per sample, uniformly; this file uses
-# MNIST's own digit frequencies as p(y). The unconditional model saw a fifth
-# of the training and draws worse digits (--uncond). It must still choose its
-# digit midway, where log-SNR steps are few: it takes Song et al.'s steps, even
-# in t from T-1 (where the clip of x_start_hat tames the first), with eta = 1.
-
-
-def guided(model, y, w, precision):
-    """eps_model(x_t, t) for the digits y: the network with classifier-free
-    guidance of weight w (0: none; y = NULL_LABEL: the unconditional model)."""
-    def eps_model(x_t, t):
-        t = torch.full((len(x_t),), t, device=x_t.device)
-        with autocast(x_t.device, precision):
-            if w == 0:
-                return model(x_t, t, y).float()
-            eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                         torch.cat([y, torch.full_like(y, NULL_LABEL)])).float().chunk(2)
-        return (1 + w) * eps_cond - w * eps_uncond                # Ho & Salimans eq. 6
-    return eps_model
-
-
+# root, ill-conditioned. So the steps start where the noise is sqrt((1 - alpha_bar_t)
+# / alpha_bar_t) = SIGMA_MAX = 80 times the signal (Karras et al. 2022's sigma_max,
+# not DDIM's sigma), evenly spaced in log SNR = log(alpha_bar_t / (1 - alpha_bar_t))
+# down to t = 0 as in DPM-Solver (Lu et al. 2022): even in t, few would fall at low
+# noise, where the strokes take their final shape.
 def ddim_first_step(alphas_bar):
-    """The last t where sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is at most SIGMA_MAX."""
+    """The last t where the noise-to-signal ratio sqrt((1 - alpha_bar_t) / alpha_bar_t) is at most SIGMA_MAX."""
     return int((alphas_bar * (1 + SIGMA_MAX ** 2) >= 1).sum()) - 1
 
 
+# Which eta: eta = 0 follows the network's ODE and carries its errors into the
+# image; fresh noise corrects them (Karras et al. 2022, section 4), as a short
+# run's model needs, but eta = 1 throughout blurs. So eta is 1 while the image
+# is nearly all noise (alpha_bar_t < NOISY_BELOW), then ETA_LATER = 0.5. The
+# unconditional model saw a fifth of the training and draws worse digits
+# (--uncond). It must still choose its digit, at middling noise, where steps
+# even in t lie closer than in log SNR: it takes steps even in t from T-1
+# (where the clip of x_start_hat tames the first), with eta = 1.
 def ddim_timesteps(alphas_bar, steps, even_in_t=False):
     """`steps` distinct timesteps from ddim_first_step down to 0, evenly spaced in log SNR as near
     as integers allow, and the default eta of each: 1 while alpha_bar_t < NOISY_BELOW, then ETA_LATER.
@@ -464,7 +440,7 @@ def ddim_sample(eps_model, sched, x, ts, etas, clip=True, gen=None, callback=Non
         ab = sched.alphas_bar[t]
         ab_next = sched.alphas_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)   # 1: x_start
         eps = eps_model(x, t)
-        x_start_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()     # eq. 15
+        x_start_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()     # Ho et al. eq. 15
         if clip:                                                  # as in DDPM, so that eta = 1 equals it
             x_start_hat, eps = clip_x_start(x, eps, ab)
         sigma = etas[i] * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).sqrt()                  # eq. 16
@@ -476,7 +452,31 @@ def ddim_sample(eps_model, sched, x, ts, etas, clip=True, gen=None, callback=Non
     return x
 
 
-# How often each digit occurs among MNIST's 60,000 training images: p(y).
+# Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs the network with
+# the label and with "no label", and extrapolates away from the latter:
+#
+#     eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, none).
+#
+# A larger w gives more typical, more clearly-that-digit samples, at some cost
+# in variety.
+def guided(model, y, w, precision):
+    """eps_model(x_t, t) for the digits y: the network with classifier-free
+    guidance of weight w (0: none; y = NULL_LABEL: the unconditional model)."""
+    def eps_model(x_t, t):
+        t = torch.full((len(x_t),), t, device=x_t.device)
+        with autocast(x_t.device, precision):
+            if w == 0:
+                return model(x_t, t, y).float()
+            eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                         torch.cat([y, torch.full_like(y, NULL_LABEL)])).float().chunk(2)
+        return (1 + w) * eps_cond - w * eps_uncond                # Ho & Salimans eq. 6
+    return eps_model
+
+
+# With no digit asked for, p(x) = sum_y p(y) p(x | y): draw a digit per sample,
+# then a sample of it. The code of Dhariwal & Nichol 2021 and of Karras et al.
+# 2022 also draws a label per sample, uniformly; this file uses MNIST's own
+# digit frequencies as p(y): how often each occurs among its 60,000 training images.
 MNIST_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 
 
