@@ -96,8 +96,6 @@ def load_mnist(data_dir, train=True, digit=None, limit=None):
         download_mnist(data_dir, raw)
     x = read_idx(images, (28, 28))
     y = read_idx(labels, ()).long()
-    if len(x) != len(y) or y.max() > 9:
-        raise UserError(f"{labels} does not give each image of {images.name} a digit 0-9")
     if digit is not None:
         x, y = x[y == digit], y[y == digit]
     # the first `limit` (None: all), after the digit filter
@@ -174,13 +172,20 @@ def q_sample(x_start, t, eps, alphas_bar):
     return alpha_bar.sqrt() * x_start + (1 - alpha_bar).sqrt() * eps
 
 
-# Two quantities follow from eq. 4. Solved for x_start, it gives the
+# Three quantities follow from eq. 4. Solved for x_start, it gives the
 # clean image that a guess of the noise implies (eq. 15):
 #
 #     x_start_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).
 #
-# And the signal-to-noise ratio of x_t is SNR_t = alpha_bar_t / (1 -
+# The signal-to-noise ratio of x_t is SNR_t = alpha_bar_t / (1 -
 # alpha_bar_t): under the cosine schedule, ~2e4 at t = 0, ~2e-9 at T-1.
+#
+# And the velocity (Salimans & Ho 2022, section 4) mixes the noise and
+# the clean image, the noise where x_t is nearly clean and the image
+# where x_t is nearly all noise; with x_t, it gives back both:
+#
+#     v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_start,
+#     eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t.
 def predict_x_start(x_t, eps, alpha_bar):
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
@@ -189,12 +194,14 @@ def snr(alpha_bar):
     return alpha_bar / (1 - alpha_bar)
 
 
+
 # -----------------------------------------------------------------------------
-# 3. The network: a compact U-Net eps_theta(x_t, t, y)
+# 3. The network: a compact U-Net v_theta(x_t, t, y)
 #
 # It sees a noisy image x_t, its timestep t and its digit y, and
-# predicts the noise eps mixed in: an output shaped like its input,
-# so a U-Net (Ronneberger et al. 2015, as in Ho et al. appendix B):
+# predicts the velocity v of x_t, from which the noise eps and the
+# clean image follow: an output shaped like its input, so a U-Net
+# (Ronneberger et al. 2015, as in Ho et al. appendix B):
 #
 #   28x28 -down-> 14x14 -down-> 7x7 (+ self-attention) -up-> 14 -up-> 28
 #
@@ -227,7 +234,7 @@ def timestep_embedding(t, dim):
 def zero_init(module):
     # The last layer of each residual branch starts at zero: every block
     # starts as its skip path, and the untrained U-Net outputs 0, the
-    # mean of the noise (as in Ho et al.'s code).
+    # mean of v (as in Ho et al.'s code, where it is the noise's).
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
@@ -280,7 +287,7 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): [B, 1, 28, 28], [B], [B] -> [B, 1, 28, 28].
+    """v_theta(x_t, t, y): [B, 1, 28, 28], [B], [B] -> [B, 1, 28, 28].
     `channels`: the widths of 1 to 3 levels (28, 14, 7 pixels),
     multiples of 8; attention runs at the coarsest."""
 
@@ -345,21 +352,32 @@ class UNet(nn.Module):
 #   5:   gradient step on || eps - eps_theta(x_t, t) ||^2  (x_t by eq. 4)
 #   6: until converged
 #
-# Line 5 is L_simple (eq. 14). By eq. 15 its error is SNR_t times the
-# error of the clean image: || eps - eps_hat ||^2 = SNR_t || x_start -
-# x_start_hat ||^2. So the nearly clean steps would dominate the
-# gradient, spending the network on detail no one sees in a sample;
-# Min-SNR weights (Hang et al. 2023) scale each error by
-# min(SNR_t, gamma) / SNR_t. Label dropout (Ho & Salimans 2022,
-# Algorithm 1) replaces y by "no label" 20% of the time.
+# Two changes serve a short run. Line 5: its error is SNR_t times that
+# of the clean image (eq. 15: || eps - eps_hat ||^2 = SNR_t || x_start -
+# x_start_hat ||^2), so nearly clean steps, whose detail no one sees,
+# would dominate the gradient, and a wrong eps at high noise is a
+# grossly wrong image. We regress v instead (Salimans & Ho 2022):
 #
-# Around it: AdamW with a warm-up, cosine decay and clipped gradients;
-# and an exponential moving average (EMA) of the weights, which we
-# sample with: it smooths out the jitter of the raw weights. Every draw
-# comes from one CPU generator, the same on any device and saved with a
-# run, so that a resumed run goes on exactly. The loss stays float32.
+#     || v - v_theta ||^2 = (1 + SNR_t) || x_start - x_start_hat ||^2,
+#
+# the weighting of Karras et al. 2022 (EDM) for data of unit variance,
+# and a target of unit scale at every t. Line 3: t is drawn where the
+# digits take shape rather than uniformly: log SNR_t, nearest a draw
+# from a normal (EDM's density of noise levels, eq. 5 and section 5;
+# Hang et al. 2024 compare such densities):
+#
+#     log SNR_t ~ N(LOG_SNR_MEAN, LOG_SNR_STD^2).
+#
+# Label dropout (Ho & Salimans 2022, Algorithm 1) replaces y by "no
+# label" 20% of the time. Around it: AdamW with a warm-up, cosine decay
+# and clipped gradients; and an exponential moving average (EMA) of the
+# weights, which we sample with: it smooths out the jitter of the raw
+# weights. Every draw comes from one CPU generator, the same on any
+# device and saved with a run, so that a resumed run goes on exactly.
+# The loss stays float32.
 P_UNCOND = 0.2          # how often the label is dropped
-MIN_SNR_GAMMA = 5.0     # gamma of the Min-SNR weights
+LOG_SNR_MEAN = -0.6     # where the drawn noise levels centre,
+LOG_SNR_STD = 2.4       # and their spread, in log SNR
 EMA_DECAY = 0.999       # the EMA keeps this share each step
 WARMUP_FRACTION = 0.05  # the learning rate's warm-up, of all steps
 
@@ -372,24 +390,25 @@ def autocast(device, precision):
 
 
 def diffusion_loss(model, x_start, y, sched, gen):
-    """Algorithm 1, line 5's loss on a batch x_start of digits y, Min-SNR
-    weighted."""
+    """Algorithm 1, line 5's loss on a batch x_start of digits y, with
+    the v target and t drawn by log SNR."""
     B, device = len(x_start), x_start.device
     # Drawn on the CPU, then moved: the same numbers on any device.
-    # 3: t ~ Uniform({0, ..., T-1})
-    t = torch.randint(0, sched.T, (B,), generator=gen)
+    log_snr = LOG_SNR_MEAN + LOG_SNR_STD * torch.randn(B, generator=gen)
     # 4: eps ~ N(0, I)
     eps = torch.randn(x_start.shape, generator=gen)
     # label dropout: "no label" with probability P_UNCOND
     drop = torch.rand(B, generator=gen) < P_UNCOND
-    t, eps, drop = t.to(device), eps.to(device), drop.to(device)
+    log_snr, eps, drop = log_snr.to(device), eps.to(device), drop.to(device)
+    # 3: t, the timestep whose log SNR_t is nearest the draw
+    t = (snr(sched.alphas_bar).log() - log_snr[:, None]).abs().argmin(dim=1)
     y = torch.where(drop, NULL_LABEL, y)
     x_t = q_sample(x_start, t, eps, sched.alphas_bar)
-    # 5: || eps - eps_theta(x_t, t, y) ||^2 per image
-    error = (model(x_t, t, y).float() - eps).square().mean(dim=(1, 2, 3))
-    # min(SNR_t, gamma) / SNR_t, and 1 (not 0 / 0) where SNR_t = 0
-    weight = MIN_SNR_GAMMA / snr(sched.alphas_bar[t]).clamp(min=MIN_SNR_GAMMA)
-    return (weight * error).mean()
+    alpha_bar = sched.alphas_bar[t].view(-1, 1, 1, 1)
+    # v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_start
+    v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x_start
+    # 5: || v - v_theta(x_t, t, y) ||^2
+    return (model(x_t, t, y).float() - v).square().mean()
 
 
 def get_lr(step, total_steps, peak):
@@ -593,20 +612,24 @@ def ddim_sample(eps_model, sched, x, ts, etas, gen=None, callback=None):
 GUIDANCE = 0.25   # w
 
 
-def make_eps_model(model, y, w, precision):
-    """eps_model(x_t, t): the network's noise prediction for digits y,
-    guided with weight w (w = 0: the plain network; y = NULL_LABEL:
-    the model without a label)."""
+def make_eps_model(model, y, w, precision, alphas_bar):
+    """eps_model(x_t, t): the noise that the network's v implies, for
+    digits y, guided with weight w (w = 0: the plain network; y =
+    NULL_LABEL: the model without a label)."""
     def eps_model(x_t, t):
-        t = torch.full((len(x_t),), t, device=x_t.device)
+        t_batch = torch.full((len(x_t),), t, device=x_t.device)
         with autocast(x_t.device, precision):
             if w == 0:
-                return model(x_t, t, y).float()
-            no_label = torch.full_like(y, NULL_LABEL)
-            both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, no_label]))
-        eps_cond, eps_uncond = both.float().chunk(2)
-        # eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, none)
-        return (1 + w) * eps_cond - w * eps_uncond
+                v = model(x_t, t_batch, y).float()
+            else:
+                no_label = torch.full_like(y, NULL_LABEL)
+                both = model(torch.cat([x_t, x_t]), torch.cat([t_batch, t_batch]),
+                             torch.cat([y, no_label]))
+                v_cond, v_uncond = both.float().chunk(2)
+                # eq. 6 on v, which is eps's twin: eps is affine in v
+                v = (1 + w) * v_cond - w * v_uncond
+        # eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t
+        return alphas_bar[t].sqrt() * v + (1 - alphas_bar[t]).sqrt() * x_t
     return eps_model
 
 
@@ -645,7 +668,7 @@ def generate(model, sched, labels, sampler, seed=0, precision="fp32", callback=N
         x = torch.randn((len(y), 1, 28, 28), generator=gen).to(device)
         if callback:
             callback(x)
-        eps_model = make_eps_model(model, y, sampler.guidance, precision)
+        eps_model = make_eps_model(model, y, sampler.guidance, precision, sched.alphas_bar)
         if sampler.ts is None:
             x = ddpm_sample(eps_model, sched, x, gen, callback)
         else:
@@ -730,9 +753,12 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = UNet(ckpt["config"]["channels"])
-        model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
+        # float16 weights, copied into float32 parameters
+        model.load_state_dict(ckpt["ema"])
     except Exception as e:
         raise UserError(f"{path}: not a ddpm_mnist checkpoint ({type(e).__name__})") from None
+    if ckpt.get("predicts") != "v":
+        raise UserError(f"{path}: from an older ddpm_mnist, whose U-Net predicts eps: train anew")
     return ckpt, model
 
 
@@ -787,16 +813,17 @@ def classify(clf, x):
     return feats, clf[-2:](feats.float().to(device)).argmax(1).cpu()
 
 
-def train_classifier(data_dir, device, precision, epochs=3, seed=0):
-    """A classifier trained on MNIST, each batch shifted up to 2 pixels."""
+def train_classifier(data_dir, device, precision):
+    """A classifier trained on MNIST for 3 epochs, each batch shifted up
+    to 2 pixels."""
     x, y = load_mnist(data_dir)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     clf = classifier().to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(x) / 128)
+    steps = 3 * math.ceil(len(x) / 128)
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(3):
         for idx in torch.randperm(len(x), generator=gen).split(128):
             dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
             xb = F.pad(x[idx], (2, 2, 2, 2), value=-1)
@@ -903,7 +930,7 @@ def cmd_train(args):
         if step == total:
             state = dict(ema={k: v.half() for k, v in ema.state_dict().items()})
         # a new run's first save fails where another run saved meanwhile
-        atomic_save(dict(config=cfg, step=step, **state), path, replace=saved)
+        atomic_save(dict(predicts="v", config=cfg, step=step, **state), path, replace=saved)
         saved = True
         print(f"saved {path}")
 
@@ -938,9 +965,7 @@ def cmd_sample(args):
 
     def keep(x_t):
         frames.append(x_t[:8])
-    t0 = time.time()
     x = generate(model, sched, labels, sampler, args.seed, precision, keep)
-    print(f"{len(x)} samples in {time.time() - t0:.1f} s")
     save_image(grid_image(x, nrow), args.out)
     if args.trajectory:
         # a row per sample, 10 snapshots from noise to digit
@@ -960,8 +985,6 @@ def cmd_forward(args):
     for name in ("linear", "cosine"):
         alphas_bar = make_schedule(name, 1000).alphas_bar
         rows += [q_sample(x, ts, e, alphas_bar) for x, e in zip(x_start, eps)]
-    # a white row between the blocks
-    rows.insert(4, torch.ones(11, 1, 28, 28))
     save_image(grid_image(torch.cat(rows), 11), args.out)
 
 
@@ -981,9 +1004,7 @@ def cmd_evaluate(args):
     x_real = load_mnist(args.data_dir, True, one)[0]
     real = torch.randperm(len(x_real), generator=torch.Generator().manual_seed(args.seed))
     floor = fid(classify(clf, x_real[real[:args.n]])[0], test_feats)
-    t0 = time.time()
     x = generate(model, sched, labels, sampler, args.seed, precision)
-    print(f"{len(x)} samples in {time.time() - t0:.1f} s")
     feats, pred = classify(clf, x)
     score = fid(feats, test_feats)
     print(f"FID {score:.3f}, floor {floor:.3f}: {score / floor:.2f}x the floor")
@@ -1014,7 +1035,7 @@ def widths(text):
     """'32,64,128' -> [32, 64, 128]: 28 pixels halve to 14 and 7, no
     further, and GroupNorm(8) needs multiples of 8."""
     values = [int(c) for c in text.split(",")]
-    if not 1 <= len(values) <= 3 or any(c < 8 or c % 8 for c in values):
+    if len(values) > 3 or any(c < 8 or c % 8 for c in values):
         raise argparse.ArgumentTypeError(f"{text}: give 1 to 3 widths, multiples of 8")
     return values
 
