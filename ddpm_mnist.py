@@ -1005,14 +1005,15 @@ def sample_setup(args):
 def cmd_sample(args):
     model, sched, sampler, precision, _, labels = sample_setup(args)
     nrow = math.ceil(math.sqrt(len(labels)))
-    # For --trajectory: every x_t of the first batch.
+    # For --trajectory: every x_t of the first 8 samples.
     frames = []
-    x = generate(model, sched, labels, sampler, args.seed, precision, frames.append)
+    x = generate(model, sched, labels, sampler, args.seed, precision,
+                 lambda x_t: frames.append(x_t[:8]))
     save_image(grid_image(x, nrow), args.out)
     if args.trajectory:
         # a row for each of 8 samples, 10 snapshots from noise to digit
         picks = torch.linspace(0, len(frames) - 1, 10).round().long()
-        rows = torch.stack([frames[j][:8] for j in picks], 1)
+        rows = torch.stack([frames[j] for j in picks], 1)
         save_image(grid_image(rows.flatten(0, 1), 10), args.trajectory)
 
 
