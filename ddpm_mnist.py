@@ -2,8 +2,9 @@
 """ddpm_mnist.py: a denoising diffusion model (DDPM) on MNIST, in one file.
 
 The idea: destroy images with Gaussian noise, step by step, and train a
-network to tell, at any step, which noise was added. To generate, start
-from pure noise and remove the predicted noise step by step.
+network to tell, at any step, which noise was added (here through the
+velocity v, a mix of noise and image). To generate, start from pure
+noise and remove the predicted noise step by step.
 
 Sections 1-6 are the method, in the order you would learn it: the data,
 the forward process, the U-Net, the loss and the training loop, the
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# The defaults of a training run, here only; each is a flag of `train`,
-# each explained in its section. Section 4 holds the loss's constants,
+# The defaults of a training run, here only; each but the schedule and
+# T is a flag of `train`, each explained in its section. Section 4 holds the loss's constants,
 # section 6 the sampler's.
 TRAIN = dict(
     channels=[32, 64, 128],  # the U-Net's widths at 28, 14 and 7 pixels
@@ -39,7 +40,7 @@ TRAIN = dict(
     timesteps=1000,          # T, the number of noising steps
     epochs=None,             # None: enough epochs for TRAIN_IMAGES images
     batch_size=32,           # small batches: many steps in a short run
-    lr=2e-3,                 # AdamW's peak learning rate
+    lr=2e-3,                 # the peak learning rate, Muon's and Adam's
     seed=0,                  # the initial weights and every random draw
     digit=None,              # train on one digit only
     limit=None,              # keep the first N images (after `digit`)
@@ -177,11 +178,12 @@ def q_sample(x_start, t, eps, alphas_bar):
 # alpha_bar_t): under the cosine schedule, ~2e4 at t = 0, ~2e-9 at T-1.
 #
 # And the velocity (Salimans & Ho 2022, section 4) mixes the noise and
-# the clean image, the noise where x_t is nearly clean and the image
-# where x_t is nearly all noise; with x_t, it gives back both:
+# the clean image, the noise where x_t is nearly clean and minus the
+# image where x_t is nearly all noise; with x_t, it gives back both:
 #
 #     v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_start,
-#     eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t.
+#     eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t,
+#     x_start = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v.
 def predict_x_start(x_t, eps, alpha_bar):
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
@@ -229,8 +231,8 @@ def timestep_embedding(t, dim):
 
 def zero_init(module):
     # The last layer of each residual branch starts at zero: every block
-    # starts as its skip path, and the untrained U-Net outputs 0, the
-    # mean of v (as in Ho et al.'s code, where it is the noise's).
+    # starts as its skip path, and the untrained U-Net outputs 0 (as in
+    # Ho et al.'s code).
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
@@ -356,7 +358,7 @@ class UNet(nn.Module):
 #
 #     || v - v_theta ||^2 = (1 + SNR_t) || x_start - x_start_hat ||^2,
 #
-# the weighting of Karras et al. 2022 (EDM) for data of unit variance,
+# the weighting of Karras et al. 2022 (EDM) with sigma_data = 1,
 # and a target of unit scale at every t. Line 3: t is drawn where the
 # digits take shape rather than uniformly: log SNR_t, nearest a draw
 # from a normal (EDM's density of noise levels, eq. 5 and section 5;
@@ -409,7 +411,7 @@ def diffusion_loss(model, x_start, y, sched, gen):
 
 
 def get_lr(step, total_steps, peak):
-    """Linear warm-up (Adam's first estimates rest on few batches),
+    """Linear warm-up (the first momenta rest on few batches),
     then cosine decay to zero: the last steps refine, not jump."""
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
     if step < warmup:
@@ -420,12 +422,13 @@ def get_lr(step, total_steps, peak):
 
 # The optimizers. Adam scales each weight's step by that weight's own
 # gradient history. Muon (Jordan et al. 2024) steps a weight matrix W as
-# a whole, along its momentum M made orthogonal: M = U S V^T (its
-# singular value decomposition) becomes U V^T, all of whose directions
-# have length 1, so that directions the gradient seldom takes learn as
-# fast as the common ones. Five Newton-Schulz iterations, with Jordan et
-# al.'s coefficients, take X = M / ||M|| near U V^T: the same U and V,
-# the singular values pulled from (0, 1] to between about 0.7 and 1.2,
+# a whole, along its (Nesterov) momentum M made orthogonal: M = U S V^T
+# (its singular value decomposition) becomes U V^T, all of whose
+# directions have length 1, so that directions the gradient seldom takes
+# learn as fast as the common ones. Five Newton-Schulz iterations, with
+# Jordan et al.'s coefficients, take X = M / ||M||_F near U V^T: the
+# same U and V, all but the tiniest singular values pulled from (0, 1]
+# to between about 0.7 and 1.2,
 #
 #     X <- a X + b (X X^T) X + c (X X^T)^2 X.
 #
@@ -526,8 +529,9 @@ def train_loop(model, ema, opts, x_all, y_all, sched, cfg, gen, precision, step=
 # beta~_t of eq. 7, which we take. As in Ho et al.'s code, x_start_hat,
 # a wild guess early on, is clipped to [-1, 1], and eps replaced by the
 # noise that the clipped estimate implies (without: speckled, washed
-# out samples). eps_model(x_t, t) stands for the trained network with
-# the digit y fixed, eps_theta(x_t, t, y); section 6 adds guidance.
+# out samples). eps_model(x_t, t) stands for the noise that the trained
+# network predicts for the digit y, eps_theta(x_t, t, y), through its v
+# (section 2's second equation for v); section 6 adds guidance.
 def clip_x_start(x_t, eps, alpha_bar):
     """x_start_hat clipped to [-1, 1], and the noise it implies."""
     x_start_hat = predict_x_start(x_t, eps, alpha_bar).clamp(-1, 1)
@@ -709,7 +713,7 @@ def generate(model, sched, labels, sampler, seed=0, precision="fp32", callback=N
     none), in batches of 100; callback(x_t) sees each x_t of the first."""
     device = next(model.parameters()).device
     sched = sched.to(device)
-    # one generator, on the CPU: a seed fixes every sample, on any device
+    # one generator, on the CPU: a seed fixes the same noise on any device
     gen = torch.Generator().manual_seed(seed)
     out = []
     for y in labels.split(100):
@@ -743,13 +747,16 @@ def setup_device():
     """The device (CUDA, else Apple's MPS, else the CPU) and the
     precision: bf16 where the hardware has bf16 units, else fp32 (as on
     MPS), by the hardware alone, so that a command repeats."""
-    found = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
-    name = next(d for d in found if found[d])
-    bf16 = name == "cuda" and torch.cuda.get_device_capability()[0] >= 8
-    # private functions: where they are missing, fp32
+    # the CPU's, by private functions: where they are missing, fp32
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if name == "cpu":
-        bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+    name = "cpu"
+    bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+    if torch.cuda.is_available():
+        name = "cuda"
+        bf16 = torch.cuda.get_device_capability()[0] >= 8
+    elif torch.backends.mps.is_available():
+        name = "mps"
+        bf16 = False
     return torch.device(name), "bf16" if bf16 else "fp32"
 
 
@@ -798,7 +805,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = UNet(ckpt["config"]["channels"])
-        # float16 weights, copied into float32 parameters
+        # a finished run's float16 weights, copied into float32 ones
         model.load_state_dict(ckpt["ema"])
     except Exception as e:
         raise UserError(f"{path}: not a ddpm_mnist checkpoint ({type(e).__name__})") from None
