@@ -32,8 +32,8 @@ from PIL import Image
 
 # -----------------------------------------------------------------------------
 # The defaults of a training run, here only; each but the schedule and
-# T is a flag of `train`, each explained in its section. Section 4 holds the loss's constants,
-# section 6 the sampler's.
+# T is a flag of `train`, each explained in its section. Section 4
+# holds the loss's constants, section 6 the sampler's.
 TRAIN = dict(
     channels=[32, 64, 128],  # the U-Net's widths at 28, 14 and 7 pixels
     schedule="cosine",       # how fast the noise grows: cosine or linear
