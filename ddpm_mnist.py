@@ -665,7 +665,7 @@ def ddim_sample(eps_model, sched, x, ts, etas, gen=None, callback=None):
 # clearly-that-digit samples, at a cost in variety. The two calls go
 # as one batch of twice the size: one pass through the network instead
 # of two, on the same weights.
-GUIDANCE = 0.25   # w
+GUIDANCE = 0.2    # w
 
 
 def make_eps_model(model, y, w, precision, alphas_bar):
