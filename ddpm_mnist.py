@@ -747,16 +747,17 @@ def setup_device():
     """The device (CUDA, else Apple's MPS, else the CPU) and the
     precision: bf16 where the hardware has bf16 units, else fp32 (as on
     MPS), by the hardware alone, so that a command repeats."""
-    # the CPU's, by private functions: where they are missing, fp32
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    name = "cpu"
-    bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in probes)
     if torch.cuda.is_available():
         name = "cuda"
         bf16 = torch.cuda.get_device_capability()[0] >= 8
     elif torch.backends.mps.is_available():
         name = "mps"
         bf16 = False
+    else:
+        name = "cpu"
+        # the CPU's, by private functions: where they are missing, fp32
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in probes)
     return torch.device(name), "bf16" if bf16 else "fp32"
 
 
