@@ -351,7 +351,7 @@ class UNet(nn.Module):
 #   6: until converged
 #
 # Two changes serve a short run. Line 5: its error is SNR_t times that
-# of the clean image (eq. 15: || eps - eps_hat ||^2 = SNR_t || x_start -
+# of the clean image (eq. 15: || eps - eps_theta ||^2 = SNR_t || x_start -
 # x_start_hat ||^2), so nearly clean steps, whose detail no one sees,
 # would dominate the gradient, and a wrong eps at high noise is a
 # grossly wrong image. We regress v instead (Salimans & Ho 2022):
@@ -361,7 +361,7 @@ class UNet(nn.Module):
 # the weighting of Karras et al. 2022 (EDM) with sigma_data = 1,
 # and a target of unit scale at every t. Line 3: t is drawn where the
 # digits take shape rather than uniformly: log SNR_t, nearest a draw
-# from a normal (EDM's density of noise levels, eq. 5 and section 5;
+# from a normal (EDM's density of noise levels, Table 1 and section 5;
 # Hang et al. 2024 compare such densities):
 #
 #     log SNR_t ~ N(LOG_SNR_MEAN, LOG_SNR_STD^2).
@@ -422,11 +422,11 @@ def get_lr(step, total_steps, peak):
 
 # The optimizers. Adam scales each weight's step by that weight's own
 # gradient history. Muon (Jordan et al. 2024) steps a weight matrix W as
-# a whole, along its (Nesterov) momentum M made orthogonal: M = U S V^T
-# (its singular value decomposition) becomes U V^T, all of whose
-# directions have length 1, so that directions the gradient seldom takes
-# learn as fast as the common ones. Five Newton-Schulz iterations, with
-# Jordan et al.'s coefficients, take X = M / ||M||_F near U V^T: the
+# a whole, along its Nesterov momentum G = g + beta M made orthogonal:
+# G = U S V^T (its singular value decomposition) becomes U V^T, all of
+# whose directions have length 1, so that directions the gradient seldom
+# takes learn as fast as the common ones. Five Newton-Schulz iterations,
+# with Jordan et al.'s coefficients, take X = G / ||G||_F near U V^T: the
 # same U and V, all but the tiniest singular values pulled from (0, 1]
 # to between about 0.7 and 1.2,
 #
@@ -436,10 +436,10 @@ def get_lr(step, total_steps, peak):
 # scaled by 0.2 sqrt(max(rows, columns)), to the size of Adam's (Liu et
 # al. 2025), so that one learning rate serves both. Muon takes every
 # weight matrix; Adam the vectors: biases and the norms' gains.
-def orthogonalize(M):
-    """Nearly U V^T, for M = U S V^T."""
+def orthogonalize(G):
+    """Nearly U V^T, for G = U S V^T."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = M / (M.norm() + 1e-7)
+    X = G / (G.norm() + 1e-7)
     for _ in range(5):
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
@@ -581,14 +581,15 @@ def ddpm_sample(eps_model, sched, x, gen=None, callback=None):
 # DDPM's 1000 (Song et al. section 5); eta = 1 on all T steps is
 # Algorithm 2 exactly, with sigma_t^2 = beta~_t. Below: which
 # timesteps, which eta, classifier-free guidance, which digit.
-STEPS = 20                # DDIM's steps per sample, each one network call
+STEPS = 20                # DDIM's steps per sample (with guidance, 2 calls each)
 MAX_NOISE_RATIO = 80      # start where the noise is 80 times the signal
 NOISY_BELOW = 0.05        # eta is 1 while alpha_bar_t is below this,
 ETA_LATER = 0.5           # and this after
 
 
-# Which timesteps. At t = T-1, alpha_bar is ~0: x_start_hat divides
-# by its root, and the first step is wild. So the steps start at the
+# Which timesteps. At t = T-1 the image is pure noise, a level that
+# training (section 4) almost never draws: the network's guess there is
+# poor, and the first step is wild. So the steps start at the
 # highest t whose noise is at most MAX_NOISE_RATIO times the signal,
 # sqrt((1 - alpha_bar_t) / alpha_bar_t) = 1 / sqrt(SNR_t) <= 80 (Karras
 # et al. 2022's sigma_max; not DDIM's sigma), and are even in log SNR_t
@@ -906,9 +907,9 @@ def fid(feats_a, feats_b):
 # -----------------------------------------------------------------------------
 # 9. The command line
 #
-# Each flag is checked by its argparse type as it is read. A mistake
-# stops with one line before any work, also one found later (a
-# UserError), except a loss that turns NaN: found as the run goes.
+# Each flag is checked by its argparse type as it is read. Any other
+# mistake is a UserError: one line, exit code 1. Most are found before
+# any work; a loss that turns NaN, as the run goes.
 def run_config(args):
     """The run's checkpoint path, config, and checkpoint (None for a new
     run). A config is the defaults and the flags given; a resumed run
@@ -1068,6 +1069,8 @@ def in_range(kind, lo, hi=math.inf):
         if not lo <= kind(text) <= hi:
             raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi}]")
         return kind(text)
+    # argparse names the type in its message: "invalid int value: 'x'"
+    parse.__name__ = kind.__name__
     return parse
 
 
