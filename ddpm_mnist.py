@@ -1066,9 +1066,10 @@ def cmd_evaluate(args):
 # which argparse reports in one line.
 def in_range(kind, lo, hi=math.inf):
     def parse(text):
-        if not lo <= kind(text) <= hi:
+        value = kind(text)
+        if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi}]")
-        return kind(text)
+        return value
     # argparse names the type in its message: "invalid int value: 'x'"
     parse.__name__ = kind.__name__
     return parse
