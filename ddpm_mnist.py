@@ -263,7 +263,7 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of the 7x7 map,
+    """Multi-head self-attention over the pixels of the smallest map,
     residual: far-apart strokes meet in one layer. Its cost grows
     with the square of the pixel count, hence only there."""
 
