@@ -613,7 +613,7 @@ def ddim_t_max(alphas_bar):
 
 
 def ddim_timesteps(alphas_bar, steps, even_in_t=False):
-    """`steps` falling timesteps ending at 0, and the eta of each."""
+    """`steps` falling timesteps, the last 0 if steps > 1, and their etas."""
     if even_in_t:
         ts = torch.linspace(len(alphas_bar) - 1, 0, steps, dtype=torch.float64)
         return ts.round().long().tolist(), [1.0] * steps
