@@ -192,7 +192,6 @@ def snr(alpha_bar):
     return alpha_bar / (1 - alpha_bar)
 
 
-
 # -----------------------------------------------------------------------------
 # 3. The network: a compact U-Net v_theta(x_t, t, y)
 #
